@@ -1,0 +1,79 @@
+"""`deepseek-lm SUBCOMMAND ...`: dispatch to the subcommand's own thin entry point.
+
+Each subcommand lives beside the library code it calls (`deepseek_lm/data/cli.py`, ...) and is imported only
+when chosen, so `deepseek-lm info` never pays for `datasets` or `matplotlib`. Errors the user can fix
+(`UserError`) become one line on stderr; add `--debug` anywhere for the full traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from deepseek_lm.errors import UserError
+
+# name -> ("module:function", one-line help). The function takes the remaining argv, returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("deepseek_lm.data.cli:main", "tokenise a corpus into memory-mapped token files"),
+    "train": ("deepseek_lm.train.cli:main", "train a model (no arguments: the built-in demo)"),
+    "generate": ("deepseek_lm.generate.cli:main_generate", "sample text from a checkpoint"),
+    "eval": ("deepseek_lm.generate.cli:main_eval", "loss, perplexity and bits per byte of a checkpoint"),
+    "export": ("deepseek_lm.interop.cli:main_export", "export a checkpoint to the Hugging Face format"),
+    "import": ("deepseek_lm.interop.cli:main_import", "import a Hugging Face DeepseekV3/V2 directory"),
+    "info": ("deepseek_lm.info:main", "parameter counts and FLOPs per token of a preset or checkpoint"),
+    "bench": ("deepseek_lm.bench:main", "training and decoding throughput, optionally against transformers"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: deepseek-lm [--debug] SUBCOMMAND [ARGS ...]", "", "subcommands:"]
+    lines += [f"  {name:<10}{help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`deepseek-lm SUBCOMMAND --help` for the options of one subcommand."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DEEPSEEK_LM_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from deepseek_lm import __version__
+
+        print(f"deepseek-lm {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(
+            f"deepseek-lm: error: unknown subcommand {name!r}; choose one of: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"deepseek-lm {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deepseek-lm {name}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a permission problem: name the file, no traceback
+        if debug:
+            raise
+        print(f"deepseek-lm {name}: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if debug:
+            raise
+        print(
+            f"deepseek-lm {name}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
