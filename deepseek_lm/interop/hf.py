@@ -1,0 +1,278 @@
+"""Export a checkpoint as a Hugging Face DeepseekV3/V2 directory, and import one back (SPEC §7).
+
+An exported directory loads with `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(
+out)`, no remote code; it holds config.json, model.safetensors, generation_config.json and the tokenizer
+files. Nothing here imports transformers: every file is written by hand, in the format transformers 5.x
+writes and 4.x reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepseek_lm.checkpoint import (
+    CONFIG_FILE,
+    FORMAT,
+    check_state_matches,
+    is_checkpoint_dir,
+    load_checkpoint,
+    save_model_dir,
+)
+from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.interop.hf_config import HF_MODEL_TYPES, InteropError, from_hf_config, to_hf_config
+from deepseek_lm.interop.hf_weights import expected_hf_shapes, from_hf_state_dict, to_hf_state_dict
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class InteropReport:
+    path: Path  # the directory written
+    model_type: str  # deepseek_v3 | deepseek_v2 (export: written; import: read)
+    notes: list[str] = field(default_factory=list)  # things the user should know, one line each
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32") -> InteropReport:
+    """Write checkpoint (or a run directory's best, else latest) as a transformers DeepseekV3/V2 directory.
+
+    `dtype` casts the weights (the router stays fp32, as transformers keeps it); float32 is exact.
+    Refuses, with the setting named, a model that no transformers class computes exactly.
+    """
+    if dtype not in DTYPES:
+        raise InteropError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    ckpt = load_checkpoint(checkpoint)
+    config, notes = _with_special_ids(ckpt.config, ckpt.tokenizer), []
+    hf_config = to_hf_config(config, dtype)
+    model_type = hf_config["model_type"]
+    tensors = to_hf_state_dict(ckpt.model.state_dict(), config, model_type, DTYPES[dtype])
+    _check_tensors(tensors, expected_hf_shapes(config, model_type), f"export of {ckpt.path}")
+    out = Path(out)
+    _refuse_overwrite(out, ckpt.path, looks_ours=_is_hf_export)
+    with _atomic_dir(out) as tmp:
+        _write_safetensors(tensors, tmp / WEIGHTS_FILE)
+        _write_json(tmp / CONFIG_FILE, hf_config)
+        _write_json(tmp / "generation_config.json", _generation_config(config))
+        if ckpt.tokenizer is not None:
+            write_tokenizer_files(ckpt.tokenizer, tmp, config)
+        else:
+            notes.append(f"{ckpt.path} has no tokenizer.json: the export has no tokenizer files")
+    return InteropReport(out, model_type, notes)
+
+
+def _with_special_ids(config: DeepSeekConfig, tokenizer: Any) -> DeepSeekConfig:
+    """The config with the special ids our generation uses: the config's own, else the tokenizer's
+    (exactly as `deepseek_lm.generate.Engine` picks them), so transformers stops and pads the same way."""
+    if tokenizer is None or (config.eos_token_id is not None and config.pad_token_id is not None):
+        return config
+    from deepseek_lm.data.tokenizer import special_token_ids
+
+    special = special_token_ids(tokenizer)
+    eos = config.eos_token_id if config.eos_token_id is not None else special["eot"]
+    pad = config.pad_token_id if config.pad_token_id is not None else special["pad"]
+    return DeepSeekConfig.from_dict({**config.to_dict(), "eos_token_id": eos, "pad_token_id": pad})
+
+
+def _generation_config(config: DeepSeekConfig) -> dict[str, Any]:
+    return {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
+
+
+def write_tokenizer_files(tokenizer: Any, out_dir: Path, config: DeepSeekConfig) -> None:
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json: `AutoTokenizer` then loads a
+    `PreTrainedTokenizerFast` that encodes and decodes exactly as the `tokenizers.Tokenizer` does."""
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    names = {
+        f"{kind}_token": tokenizer.id_to_token(token_id) if token_id is not None else None
+        for kind, token_id in [
+            ("bos", config.bos_token_id),
+            ("eos", config.eos_token_id),
+            ("pad", config.pad_token_id),
+        ]
+    }
+    _write_json(
+        out_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **names,
+            "model_max_length": config.max_position_embeddings,
+            # byte-level BPE decodes exactly; the legacy clean-up would delete spaces before punctuation
+            "clean_up_tokenization_spaces": False,
+        },
+    )
+    _write_json(out_dir / "special_tokens_map.json", {k: v for k, v in names.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# import
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> InteropReport:
+    """Read a transformers DeepseekV3/V2 directory (ours or `save_pretrained`'s) into a checkpoint at `out`."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    raw = _read_hf_config(hf_dir)
+    source = str(hf_dir / CONFIG_FILE)
+    config = from_hf_config(raw, source)
+    hf_state = read_hf_weights(hf_dir)
+    _check_tensors(hf_state, expected_hf_shapes(config, raw["model_type"]), str(hf_dir))
+    state = from_hf_state_dict(hf_state, config, str(hf_dir))
+    model = _build_model(config)
+    check_state_matches(state, model, config, hf_dir)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings)
+    tokenizer, notes = _read_tokenizer(hf_dir)
+    _refuse_overwrite(out, hf_dir, looks_ours=is_checkpoint_dir)
+    save_model_dir(out, model, tokenizer)
+    return InteropReport(out, raw["model_type"], notes)
+
+
+def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    path = hf_dir / CONFIG_FILE
+    if not hf_dir.is_dir():
+        raise InteropError(f"{hf_dir}: no such directory")
+    if not path.is_file():
+        raise InteropError(f"{hf_dir} is not a Hugging Face model directory (no {CONFIG_FILE})")
+    raw = _read_json(path)
+    if raw.get("format") == FORMAT:
+        raise InteropError(
+            f"{hf_dir} is a deepseek-lm checkpoint already; import reads Hugging Face directories"
+        )
+    return raw
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
+    from safetensors.torch import load_file
+
+    if (hf_dir / WEIGHTS_FILE).is_file():
+        files = [hf_dir / WEIGHTS_FILE]
+    elif (hf_dir / WEIGHTS_INDEX_FILE).is_file():
+        weight_map = _read_json(hf_dir / WEIGHTS_INDEX_FILE).get("weight_map", {})
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+    else:
+        pickled = " (pytorch_model.bin is never read: unpickling runs code; re-save it with safetensors)"
+        has_bin = any(hf_dir.glob("pytorch_model*.bin"))
+        raise InteropError(f"{hf_dir}: no {WEIGHTS_FILE}{pickled if has_bin else ''}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state |= load_file(str(file))
+        except Exception as e:  # a missing shard, a truncated or garbled file
+            raise InteropError(f"{file} is missing, corrupt or unreadable: {' '.join(str(e).split())}") from e
+    return state
+
+
+def _build_model(config: DeepSeekConfig) -> torch.nn.Module:
+    from deepseek_lm.model import get_model
+
+    return get_model(config, device="cpu")
+
+
+def _read_tokenizer(hf_dir: Path) -> tuple[Any, list[str]]:
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        return None, [f"{hf_dir} has no tokenizer.json: the checkpoint has no tokenizer (generate needs one)"]
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path)), []
+    except Exception as e:
+        raise InteropError(f"{path} is not a valid tokenizer.json: {' '.join(str(e).split())}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _check_tensors(
+    tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str
+) -> None:
+    """One line naming the first missing, unexpected or mis-shaped tensor (transformers' names)."""
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InteropError(f"{source}: missing tensor {missing[0]}{more}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise InteropError(
+                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, config.json implies {shape}"
+            )
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise InteropError(
+            f"{source}: unexpected tensor {unexpected[0]} (not in a model of this config.json)"
+        )
+
+
+def _is_hf_export(path: Path) -> bool:
+    try:
+        return json.loads((path / CONFIG_FILE).read_text()).get("model_type") in HF_MODEL_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _refuse_overwrite(out: Path, source: Path, looks_ours: Callable[[Path], bool]) -> None:
+    """Never replace the input, nor a non-empty directory that is not an earlier output of the same kind."""
+    if out.resolve() == source.resolve():
+        raise InteropError(f"--out {out} is the input directory; choose another")
+    if out.is_dir() and any(out.iterdir()) and not looks_ours(out):
+        raise InteropError(f"--out {out} exists and is not empty; choose a new directory")
+    if out.exists() and not out.is_dir():
+        raise InteropError(f"--out {out} exists and is not a directory")
+
+
+@contextmanager
+def _atomic_dir(out: Path) -> Iterator[Path]:
+    """Fill the yielded temporary sibling; on success it replaces `out` (an old `out` is removed last), so an
+    interrupted export leaves any earlier one intact."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".old-{out.name}-{uuid.uuid4().hex[:8]}") if out.exists() else None
+    if old is not None:
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})  # transformers reads format=pt as PyTorch
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InteropError(f"cannot read {path}: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise InteropError(f"{path} is not a JSON object")
+    return data
