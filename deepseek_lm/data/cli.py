@@ -1,0 +1,77 @@
+"""`deepseek-lm prepare`: one flag per `PrepareConfig` field (jsonargparse), then `prepare()`.
+
+deepseek-lm prepare --out data_cache/builtin               # the built-in corpus
+deepseek-lm prepare --data notes/ books/*.txt --out data/mine --vocab-size 4096
+deepseek-lm prepare --dataset roneneldan/TinyStories --max-documents 100000 --out data/tinystories
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import typing
+
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+from deepseek_lm.data.prepare import PrepareConfig, PreparedData, prepare
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="deepseek-lm prepare",
+        description="Tokenise a corpus into memory-mapped token files with a manifest. "
+        "With no --data or --dataset: the built-in corpus (Python standard-library docstrings).",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    helps = _attribute_docs(PrepareConfig)
+    hints = typing.get_type_hints(PrepareConfig)
+    for f in dataclasses.fields(PrepareConfig):
+        flag, kind, help_ = "--" + f.name.replace("_", "-"), hints[f.name], helps.get(f.name)
+        if kind is bool:
+            parser.add_argument(flag, action=ActionYesNo(no_prefix="no-"), default=f.default, help=help_)
+        elif typing.get_origin(kind) is list or list[str] in typing.get_args(kind):
+            parser.add_argument(flag, type=str, nargs="+", default=f.default, metavar="PATH", help=help_)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=help_)
+    return parser
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """{field: description} from the "Attributes:" section of a dataclass docstring."""
+    import docstring_parser  # installed with jsonargparse[signatures]
+
+    return {p.arg_name: p.description or "" for p in docstring_parser.parse(cls.__doc__ or "").params}
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(PrepareConfig)}
+    cfg = PrepareConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    _log_to_stderr()
+    print(_summary(prepare(cfg)))
+    return 0
+
+
+def _summary(data: PreparedData) -> str:
+    m = data.manifest
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    xz = "off" if m["xz_bits_per_byte"] is None else f"{m['xz_bits_per_byte']:.3f} bits/byte"
+    how = "reused (inputs unchanged)" if data.reused else f"prepared in {m['prepare_seconds']:.1f} s"
+    return (
+        f"{data.path}: {how}; {m['source']}; vocab {m['vocab_size']} ({m['dtype']}); "
+        f"train {train['documents']} docs, {train['bytes']:,} bytes, {train['tokens']:,} tokens; "
+        f"val {val['documents']} docs, {val['bytes']:,} bytes, {val['tokens']:,} tokens; xz baseline {xz}"
+    )
+
+
+class _Stderr(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:  # looks up sys.stderr each time (pytest swaps it)
+        print(f"deepseek-lm prepare: {self.format(record)}", file=sys.stderr)
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("deepseek_lm.data")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())

@@ -1,0 +1,331 @@
+"""Where text comes from: the built-in corpus, the user's files, a Hugging Face dataset.
+
+Every source gives a list of documents (str). A document is the unit of the train/validation split, and in
+the token files each one is followed by the end-of-text token.
+
+The built-in corpus is one document per standard-library module (all of its docstrings, in source order)
+plus one per `pydoc_data` help topic. Whole modules rather than single docstrings, because a method's
+docstring repeats its class's words: splitting inside a module would leak near-copies into validation, and
+the validation loss would flatter the model.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import sysconfig
+import threading
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+from deepseek_lm.data import DataError
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+
+# ---------------------------------------------------------------------------------------------------------
+# built-in corpus: docstrings of the standard library's own .py sources, parsed (never imported: importing
+# all of the stdlib is slow, has side effects such as `antigravity` opening a browser, and depends on the OS)
+
+BUILTIN_VERSION = 1  # bump whenever the extraction below changes: it invalidates prepared caches
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def _stdlib_files() -> tuple[Path, list[Path]]:
+    lib = Path(sysconfig.get_path("stdlib"))
+    files = []
+    for root, dirs, names in os.walk(lib):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(("config-", "."))]
+        files += [Path(root, n) for n in names if n.endswith(".py") and not n.startswith("_sysconfigdata")]
+    files.sort(key=lambda p: p.relative_to(lib).parts)  # the walk order is the file system's; sort it
+    if not files:
+        raise DataError(f"the built-in corpus needs the standard library's .py sources, none found in {lib}")
+    return lib, files
+
+
+def _module_name(lib: Path, path: Path) -> str:
+    parts = list(path.relative_to(lib).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_document(name: str, tree: ast.Module, seen: set[str]) -> str | None:
+    """All docstrings of one module, each under a pydoc-like heading; docstrings seen before are dropped."""
+    parts = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                add(child, f"class {prefix}{child.name}")
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                add(child, f"def {prefix}{child.name}({ast.unparse(child.args)})")
+
+    def add(node: ast.AST, heading: str) -> None:
+        doc = ast.get_docstring(node)
+        if doc and doc.strip() and doc not in seen:
+            seen.add(doc)
+            parts.append(f"{heading}\n{doc.strip()}")
+
+    add(tree, f"module {name}")
+    visit(tree, "")
+    return "\n\n".join(parts) if parts else None
+
+
+def builtin_documents() -> list[str]:
+    """The built-in corpus: about 2 MB of English from this interpreter's standard library (no network)."""
+    lib, files = _stdlib_files()
+    docs, seen = [], set()
+    for path in files:
+        try:
+            with warnings.catch_warnings():  # invalid escape sequences in old sources warn on parse
+                warnings.simplefilter("ignore")
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue  # a file this interpreter cannot parse (lib2to3 fixtures, a broken install)
+        doc = _module_document(_module_name(lib, path), tree, seen)
+        if doc:
+            docs.append(doc)
+    from pydoc_data.topics import topics  # pure data (a dict of strings): safe to import
+
+    docs += [f"topic {key}\n{topics[key].strip()}" for key in sorted(topics) if topics[key].strip()]
+    return docs
+
+
+def builtin_fingerprint() -> dict:
+    """What the built-in corpus depends on, cheaply (stat calls, no parsing): the cache key's input part."""
+    lib, files = _stdlib_files()
+    digest = hashlib.sha256()
+    for path in files:
+        st = path.stat()
+        digest.update(f"{path.relative_to(lib)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {
+        "builtin": BUILTIN_VERSION,
+        "python": sys.version,
+        "stdlib": str(lib),
+        "files": digest.hexdigest(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the user's files
+
+
+def resolve_paths(specs: list[str]) -> list[Path]:
+    """Files, directories (searched recursively) and globs -> the sorted, de-duplicated data files."""
+    found: list[Path] = []
+    for spec in specs:
+        if glob.has_magic(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise DataError(f"{spec}: no files match this pattern")
+            for m in matches:
+                found += _expand(Path(m), explicit=False)
+        elif Path(spec).exists():
+            found += _expand(Path(spec), explicit=True)
+        else:
+            raise DataError(f"{spec}: no such file or directory")
+    if not found:
+        raise DataError(f"{' '.join(specs)}: no {', '.join(SUFFIXES)} files found")
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def _expand(path: Path, *, explicit: bool) -> list[Path]:
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in SUFFIXES and not any(s.startswith(".") for s in p.parts)
+        )
+        if not files and explicit:
+            raise DataError(f"{path}: the directory holds no {', '.join(SUFFIXES)} files")
+        return files
+    if path.suffix.lower() in SUFFIXES:
+        return [path]
+    if explicit:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+    return []  # a glob that also matched other files: skip them
+
+
+def files_fingerprint(paths: list[Path]) -> list[list]:
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """UTF-8 text with invalid byte sequences replaced by U+FFFD, and how many were replaced (SPEC §9)."""
+    try:
+        return data.decode("utf-8-sig"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8-sig", errors="replace")
+        return text, text.count("\ufffd") - data.count("\ufffd".encode())
+
+
+def read_file(path: Path, text_field: str = "text") -> tuple[list[str], int]:
+    """The documents of one file and the number of invalid UTF-8 sequences replaced in it."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path, text_field)
+    text, replaced = decode_utf8(path.read_bytes())
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text, text_field), replaced
+    return ([text] if text.strip() else []), replaced  # .txt, .md: the file is one document
+
+
+def _read_jsonl(path: Path, text: str, field: str) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is legal inside JSON
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
+            ) from None
+        if not isinstance(row, dict) or field not in row:
+            keys = ", ".join(map(str, row)) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+            raise DataError(
+                f"{path}:{lineno}: no {field!r} field (found: {keys}); choose the field with --text-field"
+            )
+        value = row[field]
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string")
+        if value.strip():
+            docs.append(value)
+    return docs
+
+
+def _read_parquet(path: Path, field: str) -> tuple[list[str], int]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise DataError(
+            f"{path}: no {field!r} column (found: {', '.join(names)}); choose the column with --text-field"
+        )
+    docs, replaced = [], 0
+    for batch in pf.iter_batches(columns=[field]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, bytes):  # a binary column: decode it like a text file
+                value, n = decode_utf8(value)
+                replaced += n
+            if isinstance(value, str) and value.strip():
+                docs.append(value)
+    return docs, replaced
+
+
+def read_documents(paths: list[Path], text_field: str = "text") -> list[str]:
+    """The documents of all files, in order. Warns once about replaced bytes and skipped empty files."""
+    docs, replaced, empty = [], {}, []
+    for path in paths:
+        file_docs, n = read_file(path, text_field)
+        if n:
+            replaced[path] = n
+        if not file_docs:
+            empty.append(path)
+        docs += file_docs
+    if not docs:
+        what = (
+            f"{paths[0]}: the file is empty" if len(paths) == 1 else f"all {len(paths)} data files are empty"
+        )
+        raise DataError(f"{what} (no text); give files that hold text")
+    if replaced:
+        names = ", ".join(str(p) for p in list(replaced)[:3]) + (", ..." if len(replaced) > 3 else "")
+        log.warning(
+            "warning: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD in %d file(s): %s",
+            sum(replaced.values()),
+            len(replaced),
+            names,
+        )
+    if empty:
+        log.warning("warning: skipped %d file(s) with no text, e.g. %s", len(empty), empty[0])
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face datasets (and the hub check the tokenizer shares)
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached now, or None. Takes at most `timeout` seconds.
+
+    huggingface_hub retries an unreachable host for about 25 s (printing each retry); a plain TCP connect
+    with a short timeout, in a thread so that a hanging DNS lookup cannot hold us either, answers first.
+    """
+    for var in _OFFLINE_VARS:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"offline mode is on ({var}={os.environ[var]}; unset it to go online)"
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None  # only the proxy knows: let the library try
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(str(e) or type(e).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if not outcome:
+        return f"the Hugging Face Hub ({host}) did not answer within {timeout:g} s"
+    return f"the Hugging Face Hub ({host}) is unreachable: {outcome[0]}" if outcome[0] else None
+
+
+def dataset_documents(
+    name: str,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    max_documents: int | None = None,
+) -> list[str]:
+    """Documents from a Hugging Face dataset (streamed), or from a local dataset directory."""
+    if not Path(name).exists():
+        reason = hub_unreachable_reason()
+        if reason:
+            raise DataError(
+                f"--dataset {name}: {reason}; connect to the network or prepare local files with --data"
+            )
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        docs = []
+        for i, row in enumerate(stream):
+            if max_documents is not None and len(docs) >= max_documents:
+                break
+            if text_field not in row:
+                raise DataError(
+                    f"--dataset {name}: row {i} has no {text_field!r} field (found: {', '.join(row)}); "
+                    "choose the field with --text-field"
+                )
+            if isinstance(row[text_field], str) and row[text_field].strip():
+                docs.append(row[text_field])
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"--dataset {name}: could not load it ({type(e).__name__}: {first_line})") from None
+    if not docs:
+        raise DataError(f"--dataset {name}: split {split!r} holds no text in field {text_field!r}")
+    return docs
