@@ -7,6 +7,7 @@ from deepseek_lm.data import DataError
 from deepseek_lm.data.tokenizer import (
     EOT_TOKEN,
     PAD_TOKEN,
+    add_missing_eot,
     load_tokenizer,
     special_token_ids,
     tokenizer_hash,
@@ -83,8 +84,9 @@ def test_a_tokenizer_without_end_of_text_gets_ours():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     assert special_token_ids(tok) == {"eot": 2, "pad": 2, "bos": None}  # </s> is the EOS; pad falls back
     tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    ids = special_token_ids(tok)
-    assert ids["eot"] == 2 == tok.token_to_id(EOT_TOKEN) and ids["pad"] == 2
+    assert special_token_ids(tok) == {"eot": None, "pad": None, "bos": None}  # a query changes nothing
+    add_missing_eot(tok)
+    assert special_token_ids(tok)["eot"] == 2 == tok.token_to_id(EOT_TOKEN)
 
 
 def test_vocab_too_small():

@@ -32,6 +32,7 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer",
     "train_bpe": "tokenizer",
     "special_token_ids": "tokenizer",
+    "add_missing_eot": "tokenizer",
     "EOT_TOKEN": "tokenizer",
     "PAD_TOKEN": "tokenizer",
     "builtin_documents": "sources",

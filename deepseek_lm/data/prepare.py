@@ -33,6 +33,7 @@ from deepseek_lm.data import DataError
 from deepseek_lm.data import sources as src
 from deepseek_lm.data.tokenizer import (
     MIN_VOCAB_SIZE,
+    add_missing_eot,
     load_tokenizer,
     special_token_ids,
     tokenizer_hash,
@@ -176,7 +177,8 @@ def prepare(cfg: PrepareConfig) -> PreparedData:
 
     train_docs, val_docs, split_how = split_documents(read(), cfg.val_fraction, cfg.split_seed)
     tok = _tokenizer(cfg, train_docs)
-    ids = special_token_ids(tok)  # may add <|endoftext|> to a loaded tokenizer that has none
+    add_missing_eot(tok)
+    ids = special_token_ids(tok)
     with _staging(out) as tmp:
         splits, dtype = _write_splits(tmp, tok, ids["eot"], train_docs, val_docs)
         _check_long_enough(source, splits["train"]["tokens"], cfg.seq_len)

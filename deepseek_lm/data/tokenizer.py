@@ -81,13 +81,15 @@ def _hub_file(repo_id: str) -> str:
 
 
 def special_token_ids(tok: Tokenizer) -> dict[str, int | None]:
-    """{"eot", "pad", "bos"} ids. A tokenizer with no end-of-text token gets ours added; pad falls back to eot."""
-    eot = _first_id(tok, _EOT_ALIASES)
-    if eot is None:
-        tok.add_special_tokens([EOT_TOKEN])
-        eot = tok.token_to_id(EOT_TOKEN)
-    pad = _first_id(tok, _PAD_ALIASES)
+    """{"eot", "pad", "bos"} ids of `tok`, None where it has none; pad falls back to eot. Read-only."""
+    eot, pad = _first_id(tok, _EOT_ALIASES), _first_id(tok, _PAD_ALIASES)
     return {"eot": eot, "pad": eot if pad is None else pad, "bos": _first_id(tok, _BOS_ALIASES)}
+
+
+def add_missing_eot(tok: Tokenizer) -> None:
+    """Give a tokenizer without an end-of-text token ours: `prepare` needs a document separator."""
+    if _first_id(tok, _EOT_ALIASES) is None:
+        tok.add_special_tokens([EOT_TOKEN])
 
 
 def _first_id(tok: Tokenizer, names: tuple[str, ...]) -> int | None:
