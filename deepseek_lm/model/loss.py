@@ -1,0 +1,104 @@
+"""Chunked linear + cross-entropy: the loss over a large vocabulary without the full (N, V) fp32 logits.
+
+At vocabulary 49,152 the head is the hottest part of a small model's step: plain `F.cross_entropy(lm_head(h))`
+keeps (N, V) logits, their log-softmax and their gradient alive at once (3 × 200 MB at N = 1024) and streams
+each through memory several times. Here rows go through in chunks small enough to stay in the CPU's last-level
+cache: logits -> log-softmax -> loss -> softmax - onehot = dlogits, and the two gradient matmuls follow at
+once, so the backward pass only hands back the (N, D) and (V, D) gradients computed during the forward.
+
+Legend: N rows (tokens), D hidden, V vocabulary, c rows per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB fp32): fewer passes over the (V, D) grad buffer
+
+
+def _chunk_rows(n_rows: int, vocab: int, chunk_rows: int | None) -> int:
+    return max(1, min(n_rows, chunk_rows or CHUNK_ELEMENTS // vocab))
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
+def _targets(y_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Safe targets (ignored -> 0), the valid mask, and the per-row weight of the mean (1/n_valid or 0)."""
+    valid_N = y_N != IGNORE_INDEX
+    return torch.where(valid_N, y_N, 0), valid_N, valid_N.float() / valid_N.sum().clamp(min=1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = mean over valid rows of CE(h @ w.T, y); both gradients are computed during the forward."""
+
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, y_N, chunk_rows):
+        ctx.dtypes = h_ND.dtype, w_VD.dtype
+        dtype = _compute_dtype(w_VD)
+        h_ND, w_VD = h_ND.to(dtype), w_VD.to(dtype)
+        (N, D), V = h_ND.shape, w_VD.shape[0]
+        c, dev = _chunk_rows(N, V, chunk_rows), h_ND.device
+        y_N, _, scale_N = _targets(y_N)
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty(N, D, dtype=dtype, device=dev) if need_h else None
+        grad_w = torch.zeros(V, D, dtype=dtype, device=dev) if need_w else None
+        logits_cV = torch.empty(c, V, dtype=dtype, device=dev)  # both buffers reused by every chunk
+        grad_cV = torch.empty(c, V, dtype=torch.float32, device=dev)
+        rows = torch.arange(c, device=dev)
+        loss = torch.zeros((), dtype=torch.float32, device=dev)
+        for s in range(0, N, c):
+            h_cD, y_c, scale_c = h_ND[s : s + c], y_N[s : s + c], scale_N[s : s + c, None]
+            n = h_cD.shape[0]
+            logits, g = torch.mm(h_cD, w_VD.t(), out=logits_cV[:n]), grad_cV[:n]
+            torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=g)
+            loss -= (g.gather(1, y_c[:, None]) * scale_c).sum()
+            g.exp_()[rows[:n], y_c] -= 1  # softmax - onehot = dCE/dlogits (before the 1/n_valid)
+            g = g.to(dtype)
+            if need_h:  # the row scale goes on the small (c, D) side of each product
+                torch.mm(g, w_VD, out=grad_h[s : s + c]).mul_(scale_c)
+            if need_w:
+                grad_w.addmm_(g.t(), h_cD * scale_c.to(dtype))
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        # out of place: a retained graph may run backward again with the same saved gradients
+        gh = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+@torch.no_grad()
+def _linear_cross_entropy_no_grad(h_ND, w_VD, y_N, chunk_rows):
+    dtype = _compute_dtype(w_VD)
+    h_ND, w_VD = h_ND.to(dtype), w_VD.to(dtype)
+    c = _chunk_rows(h_ND.shape[0], w_VD.shape[0], chunk_rows)
+    y_N, _, scale_N = _targets(y_N)
+    loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+    for s in range(0, h_ND.shape[0], c):
+        logits_cV = (h_ND[s : s + c] @ w_VD.t()).float()
+        nll_c = torch.logsumexp(logits_cV, -1) - logits_cV.gather(1, y_N[s : s + c, None])[:, 0]
+        loss += (nll_c * scale_N[s : s + c]).sum()
+    return loss
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of `h @ weight.T` against `targets`, ignoring targets == -100 (0 if none is valid).
+
+    h (..., D), weight (V, D), targets (...) long. Equals `F.cross_entropy(F.linear(h, weight), targets)` in
+    value and gradient without materialising the logits of all rows; under autocast the matmuls run in the
+    autocast dtype and the softmax in fp32.
+    """
+    h_ND, y_N = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h_ND, weight, y_N, chunk_rows)
+    return _linear_cross_entropy_no_grad(h_ND, weight, y_N, chunk_rows)

@@ -1,0 +1,172 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1) and its latent KV cache.
+
+    c_q = RMSNorm(W_dq x)            q = W_uq c_q   (or q = W_q x when q_lora_rank is 0), per head [q_nope | q_pe]
+    [c_kv | k_pe] = W_dkv x          c_kv = RMSNorm(c_kv);  [k_nope | v] = W_ukv c_kv per head
+    score = (q_nope·k_nope + RoPE(q_pe)·RoPE(k_pe)) · scale,  k_pe one rope key shared by all heads
+
+Two paths with the same math:
+- naive (training, no cache): materialise k and v per head and call SDPA(is_causal=True);
+- absorbed (with a cache): q_nope·k_nope = (W_uk^T q_nope)·c_kv, so W_uk folds into the query and W_uv into
+  the output, attention runs over the latent cache and the cache holds only c_kv and rotated k_pe:
+  kv_lora_rank + qk_rope_head_dim numbers per token per layer (DeepSeek-V3 inference/model.py, "absorb").
+
+Shapes: B batch, T new tokens, H heads, L cache positions attended, r kv_lora_rank, dr rope dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.model.layers import RMSNorm, apply_rope, yarn_softmax_scale
+
+
+class LatentCache:
+    """Per layer one (B, S, r + dr) buffer; `c_kv[i]` (B, S, r) and `k_pe[i]` (B, S, dr) are views into it.
+
+    Stateless about positions: the caller says where each row's tokens go (`start_pos`, CONTRACT.md).
+    One buffer per layer lets the absorbed path score [q_lat | q_pe] against [c_kv | k_pe] in one matmul.
+    """
+
+    def __init__(
+        self, config: DeepSeekConfig, batch_size: int, max_len: int, device=None, dtype=None
+    ) -> None:
+        r, dr = config.kv_lora_rank, config.qk_rope_head_dim
+        shape = (batch_size, max_len, r + dr)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.c_kv = [buf[..., :r] for buf in self.kv]
+        self.k_pe = [buf[..., r:] for buf in self.kv]
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv[0].shape[1]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes in the cache over all layers (per batch row)."""
+        return sum(buf.shape[-1] * buf.element_size() for buf in self.kv)
+
+
+@dataclass
+class Positions:
+    """Where this forward's tokens sit; built once per forward and shared by every layer."""
+
+    cos: torch.Tensor  # (B or 1, T, 1, dr) rope tables at the tokens' positions
+    sin: torch.Tensor
+    start: int | None = None  # uniform start position (int start_pos), else None
+    pos_BT: torch.Tensor | None = None  # per-row absolute positions (tensor start_pos)
+    kv_len: int = 0  # cache positions attended: max position + 1
+    mask: torch.Tensor | None = None  # (B or 1, 1, T, L) bool, True = attend; None = attend to all L
+
+
+def make_positions(rope: torch.Tensor, B: int, T: int, start_pos, cached: bool, max_len: int) -> Positions:
+    """rope (2, S, dr) tables; start_pos int or (B,) long. Checks positions against the tables and cache."""
+    dev = rope.device
+    if isinstance(start_pos, torch.Tensor) and start_pos.dim() == 0:
+        start_pos = int(start_pos)
+    if isinstance(start_pos, int):
+        end = start_pos + T
+        _check_end(end, rope.shape[1], max_len if cached else None)
+        cos, sin = rope[:, start_pos:end, None]  # (T, 1, dr)
+        pos = Positions(cos[None], sin[None], start=start_pos, kv_len=end)
+        if cached and T > 1:
+            j = torch.arange(end, device=dev)
+            pos.mask = (j <= torch.arange(start_pos, end, device=dev)[:, None])[None, None]  # (1, 1, T, L)
+        return pos
+    pos_BT = start_pos.to(dev).view(B, 1) + torch.arange(T, device=dev)
+    end = int(pos_BT.max()) + 1  # one host sync per forward
+    _check_end(end, rope.shape[1], max_len if cached else None)
+    if int(pos_BT.min()) < 0:
+        raise ValueError("start_pos must be >= 0")
+    cos, sin = rope[:, pos_BT, None]  # (B, T, 1, dr)
+    mask = (torch.arange(end, device=dev) <= pos_BT[..., None])[:, None] if cached else None  # (B, 1, T, L)
+    return Positions(cos, sin, pos_BT=pos_BT, kv_len=end, mask=mask)
+
+
+def _check_end(end: int, n_rope: int, cache_len: int | None) -> None:
+    if end > n_rope:
+        raise ValueError(f"position {end - 1} is beyond max_position_embeddings ({n_rope})")
+    if cache_len is not None and end > cache_len:
+        raise ValueError(f"position {end - 1} does not fit the cache (max_len {cache_len})")
+
+
+class MLA(nn.Module):
+    def __init__(self, config: DeepSeekConfig) -> None:
+        super().__init__()
+        self.n_heads, self.q_lora_rank, self.kv_lora_rank = (
+            config.num_attention_heads, config.q_lora_rank, config.kv_lora_rank
+        )  # fmt: skip
+        self.dn, self.dr, self.dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.scale = yarn_softmax_scale(config)
+        D, H, dqk, r = config.hidden_size, self.n_heads, config.qk_head_dim, config.kv_lora_rank
+        if config.q_lora_rank > 0:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * dqk, bias=False)
+        else:
+            self.q_proj = nn.Linear(D, H * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, r + self.dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(r, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(r, H * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(H * self.dv, D, bias=False)
+
+    def forward(self, x: torch.Tensor, pos: Positions, cache: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). `cache`: this layer's (B, S, r + dr) buffer, or None for the naive path."""
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank == 0 else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.dn, self.dr], dim=-1)  # (B, T, H, dn|dr)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, r)
+        q_pe = apply_rope(q_pe, pos.cos, pos.sin)  # (B, T, H, dr)
+        k_pe = apply_rope(k_pe[:, :, None], pos.cos, pos.sin)  # (B, T, 1, dr)
+        if cache is None:
+            o = self._naive(q_nope, q_pe, c_kv, k_pe)
+        else:
+            o = self._absorbed(q_nope, q_pe, c_kv, k_pe[:, :, 0], pos, cache)
+        return self.o_proj(o.reshape(B, T, -1))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).split([self.dn, self.dv], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, T, dqk)
+        k = torch.cat((k_nope, k_pe.expand(B, T, H, self.dr)), dim=-1).transpose(1, 2)  # (B, H, T, dqk)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        return o.transpose(1, 2)  # (B, T, H, dv)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, pos: Positions, cache: torch.Tensor) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        r = self.kv_lora_rank
+        w_ukv = self.kv_b_proj.weight.view(H, self.dn + self.dv, r)
+        q_lat = torch.einsum(
+            "bthd,hdr->bthr", q_nope, w_ukv[:, : self.dn]
+        )  # W_uk folded into q: (B, T, H, r)
+        _write(cache, torch.cat((c_kv, k_pe), dim=-1), pos)
+        kv = cache[:, : pos.kv_len]  # (B, L, r + dr)
+        q = torch.cat((q_lat, q_pe), dim=-1)  # (B, T, H, r + dr)
+        if T == 1:  # decode: one small matmul + softmax beats SDPA's dispatch
+            scores = torch.matmul(q.view(B, H, -1), kv.transpose(1, 2)) * self.scale  # (B, H, L)
+            if pos.mask is not None:
+                scores = scores.masked_fill(~pos.mask[:, 0], float("-inf"))
+            o_lat = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(kv.dtype), kv[..., :r])[:, None]
+        else:  # prefill: the memory-efficient kernel; kv shared by all heads (MQA in the latent space)
+            o_lat = F.scaled_dot_product_attention(
+                q.transpose(1, 2), kv[:, None], kv[:, None, :, :r], attn_mask=pos.mask, scale=self.scale,
+                enable_gqa=True,
+            ).transpose(1, 2)  # fmt: skip
+        return torch.einsum("bthr,hdr->bthd", o_lat, w_ukv[:, self.dn :])  # W_uv folded into the output
+
+
+def _write(cache: torch.Tensor, new_BTC: torch.Tensor, pos: Positions) -> None:
+    """Store the new tokens' [c_kv | k_pe] at their absolute positions."""
+    if pos.start is not None:
+        cache[:, pos.start : pos.start + new_BTC.shape[1]] = new_BTC
+    else:
+        rows = torch.arange(new_BTC.shape[0], device=cache.device)[:, None]
+        cache[rows, pos.pos_BT] = new_BTC

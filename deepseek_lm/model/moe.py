@@ -1,0 +1,201 @@
+"""DeepSeekMoE: shared experts always on + top-k of fine-grained routed experts (DeepSeek-V2 §2.2, V3 §2.1.2).
+
+Routing (fp32): scores = sigmoid (V3) or softmax (V2) of the router logits. Selection uses scores + bias
+(auxiliary-loss-free balancing, V3 §2.1.2: the bias steers *which* experts are chosen, never the gate
+weights), optionally limited to the `topk_group` best of `n_group` expert groups (group score: the sum of the
+top-2 biased scores for sigmoid as V3, the max score for softmax as V2). Gate weights = the chosen experts'
+unbiased scores, renormalised to sum to 1 when `norm_topk_prob`, times `routed_scaling_factor`.
+
+Dispatch: the T·K token→expert assignments are sorted by expert, so each expert runs one matmul chain on a
+contiguous slice (`torch._grouped_mm` where the device supports it: one kernel for all experts), and the
+weighted outputs are added back with `index_add`. Nothing scales with tokens × experts × hidden.
+
+Legend: T tokens (B·S), D hidden, E routed experts, K experts per token, A = T·K assignments (A' kept after
+capacity dropping), I expert intermediate size, G groups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.model.layers import SwiGLU
+
+
+@dataclass
+class RouterStats:
+    """One MoE layer's routing in one forward; detached tensors."""
+
+    counts: torch.Tensor  # (E,) long: assignments per routed expert chosen by the router (before dropping)
+    dropped_frac: torch.Tensor  # () float: fraction of the T·K assignments dropped by the capacity limit
+    entropy: torch.Tensor  # () float: mean entropy of the routing distribution (nats; log E when uniform)
+    bias: torch.Tensor  # (E,) float: the selection bias used
+
+
+class Router(nn.Module):
+    """`gate.weight` (E, D) and the persistent fp32 buffer `gate.e_score_correction_bias` (E,)."""
+
+    def __init__(self, config: DeepSeekConfig) -> None:
+        super().__init__()
+        self.config = config
+        E = config.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> topk_ids_TK, gate weights_TK (fp32), routing probabilities_TE (fp32, sum to 1 per token)."""
+        cfg = self.config
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if cfg.scoring_func == "sigmoid":
+            scores_TE = logits_TE.sigmoid()
+            probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)  # V3's normalised s' for the aux loss
+        else:
+            scores_TE = probs_TE = logits_TE.softmax(-1)
+        with torch.no_grad():
+            topk_ids_TK = self._select(scores_TE + self.e_score_correction_bias)
+        w_TK = scores_TE.gather(1, topk_ids_TK)
+        if cfg.norm_topk_prob:
+            w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
+        return topk_ids_TK, w_TK * cfg.routed_scaling_factor, probs_TE
+
+    def _select(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.n_group > 1:
+            choice_TGe = choice_TE.view(choice_TE.shape[0], cfg.n_group, -1)
+            if cfg.scoring_func == "sigmoid":
+                group_TG = choice_TGe.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_TG = choice_TGe.amax(-1)
+            keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, group_TG.topk(cfg.topk_group, dim=-1, sorted=False).indices, True)
+            choice_TE = choice_TGe.masked_fill(~keep_TG[..., None], float("-inf")).flatten(1)
+        return choice_TE.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as 3-D weights (transformers' layout): gate_up_proj (E, 2I, D), down_proj (E, D, I)."""
+
+    def __init__(self, config: DeepSeekConfig) -> None:
+        super().__init__()
+        E, D, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, inter))
+        self.use_grouped_mm: bool | None = None  # None = decide per device (see `_grouped_ok`)
+
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_AD sorted by expert, counts_E rows per expert (summing to A) -> expert outputs (A, D)."""
+        if self._grouped_ok(x_AD):
+            offs_E = counts_E.cumsum(0, dtype=torch.int32)
+            gate_AI, up_AI = torch._grouped_mm(x_AD, self.gate_up_proj.transpose(1, 2), offs=offs_E).chunk(
+                2, -1
+            )
+            return torch._grouped_mm(F.silu(gate_AI) * up_AI, self.down_proj.transpose(1, 2), offs=offs_E)
+        outs, start = [], 0
+        for e, n in enumerate(counts_E.tolist()):  # one host sync; empty experts are skipped
+            if n:
+                gate_nI, up_nI = F.linear(x_AD[start : start + n], self.gate_up_proj[e]).chunk(2, -1)
+                outs.append(F.linear(F.silu(gate_nI) * up_nI, self.down_proj[e]))
+                start += n
+        return torch.cat(outs) if outs else x_AD.new_zeros(0, x_AD.shape[1])
+
+    def _grouped_ok(self, x: torch.Tensor) -> bool:
+        if self.use_grouped_mm is not None:
+            return self.use_grouped_mm
+        if not hasattr(torch, "_grouped_mm") or x.shape[0] == 0:
+            return False
+        if x.device.type == "cpu":  # measured faster than the slice loop at seed size (see README)
+            return x.dtype in (torch.float32, torch.bfloat16)
+        # CUDA kernels: bf16 on Hopper or newer
+        return (
+            x.device.type == "cuda"
+            and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability()[0] >= 9
+        )
+
+
+class MoE(nn.Module):
+    def __init__(self, config: DeepSeekConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        shared = config.moe_intermediate_size * config.n_shared_experts
+        self.shared_experts = SwiGLU(config.hidden_size, shared) if shared else None
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
+        """-> output (B, S, D), α-weighted aux loss (), stats. Dropped assignments add nothing (residual only)."""
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, D)
+        topk_ids_TK, w_TK, probs_TE = self.gate(x_TD)
+        order_A, counts_E, kept_E = self._sort_assignments(topk_ids_TK, w_TK)
+        tok_A = order_A // topk_ids_TK.shape[1]
+        y_AD = self.experts(x_TD[tok_A], kept_E) * w_TK.view(-1)[order_A, None].to(x_TD.dtype)
+        # the routed outputs are added in place onto the shared experts' output: no (T, D) zeros + add
+        out_TD = self.shared_experts(x_TD) if self.shared_experts is not None else torch.zeros_like(x_TD)
+        out_TD.index_add_(0, tok_A, y_AD)
+        aux = self._aux_loss(topk_ids_TK, probs_TE, B) if self.training else probs_TE.new_zeros(())
+        stats = self._stats(counts_E, order_A.numel() / topk_ids_TK.numel(), probs_TE)
+        return out_TD.view(B, S, D), aux, stats
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Max assignments per expert in training: ceil(capacity_factor · T · K / E); None when dropless."""
+        cf = self.config.capacity_factor
+        if cf is None or not self.training:
+            return None
+        return math.ceil(cf * n_tokens * self.config.num_experts_per_tok / self.config.n_routed_experts)
+
+    def _sort_assignments(self, topk_ids_TK: torch.Tensor, w_TK: torch.Tensor):
+        """-> order_A' (assignment indices grouped by expert), counts_E (routed), kept_E (after dropping).
+
+        Over capacity, an expert keeps its assignments with the largest gate weights and drops the rest
+        (DeepSeek-V2 §2.2's "lowest affinity" rule, rather than position, which would always drop late tokens).
+        """
+        E = self.config.n_routed_experts
+        ids_A = topk_ids_TK.reshape(-1)
+        counts_E = torch.bincount(ids_A, minlength=E)
+        cap = self.capacity(topk_ids_TK.shape[0])
+        if cap is None or cap >= ids_A.numel():
+            return ids_A.argsort(stable=True), counts_E, counts_E
+        by_weight_A = w_TK.detach().reshape(-1).argsort(descending=True, stable=True)
+        order_A = by_weight_A[ids_A[by_weight_A].argsort(stable=True)]  # by expert, then by weight
+        rank_A = (
+            torch.arange(ids_A.numel(), device=ids_A.device) - (counts_E.cumsum(0) - counts_E)[ids_A[order_A]]
+        )
+        return order_A[rank_A < cap], counts_E, counts_E.clamp(max=cap)
+
+    def _aux_loss(self, topk_ids_TK: torch.Tensor, probs_TE: torch.Tensor, B: int) -> torch.Tensor:
+        """α Σ_i f_i P_i (DeepSeek-V2 eq. 12-14; V3 eq. 17-20 per sequence when `seq_aux`).
+
+        f_i = E/(K·T) × assignments to expert i (1 when balanced), P_i = mean routing probability of expert i.
+        Σ_i f_i = E, so with uniform probabilities (P_i = 1/E) the loss is exactly α whatever the selection;
+        it grows above α as selection concentrates on the high-probability experts (at most α·E/K).
+        """
+        alpha, E = self.config.aux_loss_alpha, probs_TE.shape[1]
+        if alpha == 0:
+            return probs_TE.new_zeros(())
+        n_seq = B if self.config.seq_aux else 1  # sequence-wise: f and P per sequence, then the mean
+        ids_NA = topk_ids_TK.view(n_seq, -1)  # N sequences (1 = the whole batch), A = K · tokens each
+        ones_NA = torch.ones_like(ids_NA, dtype=torch.float32)
+        f_NE = torch.zeros(n_seq, E, device=ids_NA.device).scatter_add_(1, ids_NA, ones_NA) * (
+            E / ids_NA.shape[1]
+        )
+        P_NE = probs_TE.view(n_seq, -1, E).mean(1)
+        return alpha * (f_NE * P_NE).sum(-1).mean()
+
+    @torch.no_grad()
+    def _stats(self, counts_E: torch.Tensor, kept_frac: float, probs_TE: torch.Tensor) -> RouterStats:
+        entropy = -torch.special.xlogy(probs_TE, probs_TE).sum(-1).mean()
+        bias = self.gate.e_score_correction_bias.clone()  # a copy: the optimizer step updates it in place
+        return RouterStats(counts_E, torch.tensor(1.0 - kept_frac), entropy, bias)
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: torch.Tensor) -> None:
+        """bias += γ · sign(mean load − load): under-loaded experts become more likely to be chosen."""
+        bias_E = self.gate.e_score_correction_bias
+        load_E = counts_E.to(bias_E)
+        bias_E += self.config.bias_update_speed * torch.sign(load_E.mean() - load_E)

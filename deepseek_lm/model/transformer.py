@@ -1,0 +1,187 @@
+"""The decoder: pre-norm blocks of MLA + (dense SwiGLU | DeepSeekMoE), the final norm and the LM head.
+
+Parameter names follow transformers' DeepseekV3 without the leading `model.` (see `hf_names.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.model.layers import RMSNorm, SwiGLU, rope_tables
+from deepseek_lm.model.loss import linear_cross_entropy
+from deepseek_lm.model.mla import MLA, LatentCache, Positions, make_positions
+from deepseek_lm.model.moe import MoE, RouterStats
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None = None  # (B, T, V), (B, 1, V) with last_logits_only; None with targets
+    loss: torch.Tensor | None = None  # mean CE over targets != -100 (chunked); None without targets
+    aux_loss: torch.Tensor | None = None  # α-weighted MoE auxiliary loss summed over MoE layers
+    router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer
+
+
+class Block(nn.Module):
+    def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp: nn.Module = MoE(config)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, pos: Positions, cache: torch.Tensor | None = None):
+        """-> x, aux loss (or None for a dense layer), RouterStats (or None)."""
+        x = x + self.self_attn(self.input_layernorm(x), pos, cache)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            out, aux, stats = self.mlp(h)
+            return x + out, aux, stats
+        return x + self.mlp(h), None, None
+
+
+class DeepSeekLM(nn.Module):
+    def __init__(self, config: DeepSeekConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # (2, S, dr) cos/sin; derived from the config, so not saved (recomputed by init_weights)
+        self.register_buffer("rope", rope_tables(config), persistent=False)
+        self.gradient_checkpointing = False  # recompute each block in the backward (training memory)
+
+    # weights ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one initialisation (σ = config.initializer_range, L = num_hidden_layers):
+
+        | tensor                                                        | init                    |
+        |---------------------------------------------------------------|-------------------------|
+        | embed_tokens, lm_head (untied), q/kv projections, router,      | normal(0, σ)            |
+        |   gate/up projections (dense, shared, routed experts)          |                         |
+        | o_proj, down projections (dense, shared, routed experts)       | normal(0, σ/√(2L))      |
+        | RMSNorm weights                                                | ones                    |
+        | e_score_correction_bias (buffer)                               | zeros                   |
+        | rope cos/sin tables (buffer)                                   | recomputed from config  |
+
+        The projections that write into the residual stream are scaled by 1/√(2L) (GPT-2, nanoGPT): each
+        block adds two branches, so this keeps the stream's variance at initialisation independent of depth.
+        transformers' DeepseekV3 uses plain normal(0, σ) everywhere; parity tests load weights, so
+        this choice only affects training from scratch.
+        """
+        std, out_std = (
+            self.config.initializer_range,
+            self.config.initializer_range / math.sqrt(2 * len(self.layers)),
+        )
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norm weights: the only 1-D parameters
+                p.fill_(1.0)
+            else:
+                residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
+                nn.init.normal_(p, 0.0, out_std if residual_out else std)
+        for block in self.layers:
+            if isinstance(block.mlp, MoE):
+                block.mlp.gate.e_score_correction_bias.zero_()
+        self.rope.copy_(rope_tables(self.config, self.rope.device))
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
+
+    @torch.no_grad()
+    def update_router_biases(self, counts: list[torch.Tensor]) -> None:
+        """bias += γ·sign(mean(load) − load) per MoE layer, from the step's summed `RouterStats.counts`."""
+        moe = self.moe_layers()
+        if len(counts) != len(moe):
+            raise ValueError(f"expected counts for {len(moe)} MoE layers, got {len(counts)}")
+        if self.config.bias_update_speed == 0:
+            return
+        for layer, c in zip(moe, counts):
+            layer.update_bias(c)
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> LatentCache:
+        """A zeroed latent cache; device and dtype default to the model's."""
+        p = self.embed_tokens.weight
+        return LatentCache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
+
+    # forward ----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        targets: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        start_pos: int | torch.Tensor = 0,
+        last_logits_only: bool = False,
+    ) -> ModelOutput:
+        """input_ids (B, T) -> ModelOutput. See CONTRACT.md for the cache and start_pos semantics."""
+        B, T = input_ids.shape
+        max_len = cache.max_len if cache is not None else self.rope.shape[1]
+        pos = make_positions(self.rope, B, T, start_pos, cache is not None, max_len)
+        x = self.embed_tokens(input_ids)
+        aux, stats = None, []
+        for i, block in enumerate(self.layers):
+            layer_cache = cache.kv[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, a, s = checkpoint(block, x, pos, layer_cache, use_reentrant=False)
+            else:
+                x, a, s = block(x, pos, layer_cache)
+            if s is not None:
+                aux = a if aux is None else aux + a
+                stats.append(s)
+        aux = aux if aux is not None else x.new_zeros((), dtype=torch.float32)
+        if targets is not None:
+            loss = linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
+            return ModelOutput(loss=loss, aux_loss=aux, router_stats=stats)
+        if last_logits_only:
+            x = x[:, -1:]
+        return ModelOutput(logits=self.lm_head(self.norm(x)), aux_loss=aux, router_stats=stats)
+
+    # accounting -------------------------------------------------------------------------------------------
+
+    def param_counts(self) -> dict[str, int]:
+        """total (unique parameters), activated per token (only K of E routed experts), embedding (input table)."""
+        cfg = self.config
+        total = sum(p.numel() for p in self.parameters())
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        inactive = len(self.moe_layers()) * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+        return dict(total=total, activated=total - inactive, embedding=self.embed_tokens.weight.numel())
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6 × activated matmul weights (incl. the LM head, excluding the embedding
+        lookup and norms) + 6 · L · H · (qk_head_dim + v_head_dim) · seq_len for scores and values (the PaLM
+        convention: the full T×T, not halved for causality). seq_len defaults to max_position_embeddings."""
+        cfg = self.config
+        seq_len = seq_len or cfg.max_position_embeddings
+        matmul = self.param_counts()["activated"] - self.embed_tokens.weight.numel()
+        matmul -= sum(p.numel() for p in self.parameters() if p.dim() == 1)
+        if cfg.tie_word_embeddings:  # the head's matmul uses the (shared) embedding table
+            matmul += self.lm_head.weight.numel()
+        attn = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
+        return 6 * matmul + 6 * attn
+
+
+def get_model(config: DeepSeekConfig | None = None, device: torch.device | str | None = None) -> DeepSeekLM:
+    """Build the model for `config` (the seed architecture by default), initialised by `init_weights`.
+
+    Built on the meta device and materialised once on `device`, so no memory is spent on a throw-away init.
+    """
+    config = config or DeepSeekConfig()
+    with torch.device("meta"):
+        model = DeepSeekLM(config)
+    model.to_empty(device=device or "cpu")
+    model.init_weights()
+    return model
