@@ -93,10 +93,10 @@ class TokenLoader:
         changed = [
             k
             for k in ("seed", "shuffle", "seq_len", "global_batch_size", "num_tokens")
-            if state[k] != mine[k]
+            if state.get(k) != mine[k]
         ]
         if changed:
-            diffs = ", ".join(f"{k} {state[k]} -> {mine[k]}" for k in changed)
+            diffs = ", ".join(f"{k} {state.get(k)} -> {mine[k]}" for k in changed)
             raise DataError(
                 f"cannot resume the data loader exactly: {diffs}; resume with the same data and settings"
             )

@@ -52,7 +52,7 @@ class PrepareConfig:
 
     Attributes:
         out: Output directory (default for the built-in corpus: data_cache/builtin).
-        data: Files (.txt, .md, .jsonl, .parquet), directories and globs. None and no --dataset: the built-in corpus.
+        data: Files (.txt, .md, .jsonl, .parquet), directories and globs; without it and --dataset: the built-in corpus.
         dataset: A Hugging Face dataset name (streamed) or a local dataset directory.
         dataset_config: The dataset's configuration (subset) name.
         dataset_split: The dataset's split to read.
@@ -115,12 +115,20 @@ class PreparedData:
             raise DataError(f"{path}: not a prepared data directory (no manifest.json); {hint}") from None
         except (ValueError, OSError) as e:
             raise DataError(f"{path / 'manifest.json'}: unreadable ({e}); {hint} --force") from None
-        if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (
+            FORMAT,
+            FORMAT_VERSION,
+        ):
             raise DataError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} directory; {hint} --force")
-        itemsize = np.dtype(manifest["dtype"]).itemsize
-        for split in SPLITS:
+        try:
+            sizes = {
+                s: manifest["splits"][s]["tokens"] * np.dtype(manifest["dtype"]).itemsize for s in SPLITS
+            }
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{path / 'manifest.json'}: incomplete (no {e}); {hint} --force") from None
+        for split, size in sizes.items():
             file = path / f"{split}.bin"
-            if not file.is_file() or file.stat().st_size != manifest["splits"][split]["tokens"] * itemsize:
+            if not file.is_file() or file.stat().st_size != size:
                 raise DataError(f"{file}: missing or truncated; {hint} --force")
         if not (path / "tokenizer.json").is_file():
             raise DataError(f"{path / 'tokenizer.json'}: missing; {hint} --force")
@@ -210,7 +218,7 @@ def prepare(cfg: PrepareConfig) -> PreparedData:
 def _cached(out: Path, key: str) -> PreparedData | None:
     try:
         data = PreparedData.open(out)
-    except (DataError, KeyError, TypeError):  # absent, unfinished or foreign: prepare afresh
+    except DataError:  # absent, unfinished or foreign: prepare afresh
         return None
     return (
         PreparedData(data.path, data.manifest, reused=True) if data.manifest.get("cache_key") == key else None
@@ -396,6 +404,7 @@ def _staging(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
         if out.exists():
             out.rename(old)
         tmp.rename(out)
