@@ -249,39 +249,39 @@ def _out_dir(cfg: PrepareConfig) -> Path:
 def _source(cfg: PrepareConfig, out: Path) -> tuple[str, dict, Callable[[], list[str]]]:
     """(description, fingerprint of the inputs, reader). The fingerprint is cheap: no text is read."""
     if cfg.data:
-        # `--data corpus --out corpus/prepared` must not read its own val.txt back on the next run
-        paths = [p for p in src.resolve_paths(cfg.data) if out.resolve() not in p.parents]
-        if not paths:
-            raise DataError(f"{' '.join(cfg.data)}: no data files outside --out {out}")
-        names = ", ".join(p.name for p in paths[:5]) + (
-            f", ... ({len(paths)} files)" if len(paths) > 5 else ""
-        )
-        inputs = {"files": src.files_fingerprint(paths), "text_field": cfg.text_field}
-        return f"files: {names}", inputs, lambda: src.read_documents(paths, cfg.text_field)
+        return _files_source(cfg, out)
     if cfg.dataset:
-        inputs = {
-            k: getattr(cfg, k)
-            for k in ("dataset", "dataset_config", "dataset_split", "max_documents", "text_field")
-        }
-        if Path(cfg.dataset).is_dir():  # a local dataset: its files' sizes and times, as for --data
-            inputs["files"] = src.files_fingerprint(
-                sorted(p for p in Path(cfg.dataset).rglob("*") if p.is_file())
-            )
-        read = functools.partial(
-            src.dataset_documents,
-            cfg.dataset,
-            config=cfg.dataset_config,
-            split=cfg.dataset_split,
-            text_field=cfg.text_field,
-            max_documents=cfg.max_documents,
+        return _dataset_source(cfg)
+    source = f"builtin: Python {sys.version.split()[0]} standard-library docstrings"
+    return source, src.builtin_fingerprint(), src.builtin_documents
+
+
+def _files_source(cfg: PrepareConfig, out: Path) -> tuple[str, dict, Callable[[], list[str]]]:
+    # `--data corpus --out corpus/prepared` must not read its own val.txt back on the next run
+    paths = [p for p in src.resolve_paths(cfg.data) if out.resolve() not in p.parents]
+    if not paths:
+        raise DataError(f"{' '.join(cfg.data)}: no data files outside --out {out}")
+    names = ", ".join(p.name for p in paths[:5]) + (f", ... ({len(paths)} files)" if len(paths) > 5 else "")
+    inputs = {"files": src.files_fingerprint(paths), "text_field": cfg.text_field}
+    return f"files: {names}", inputs, lambda: src.read_documents(paths, cfg.text_field)
+
+
+def _dataset_source(cfg: PrepareConfig) -> tuple[str, dict, Callable[[], list[str]]]:
+    keys = ("dataset", "dataset_config", "dataset_split", "max_documents", "text_field")
+    inputs = {k: getattr(cfg, k) for k in keys}
+    if Path(cfg.dataset).is_dir():  # a local dataset: its files' sizes and times, as for --data
+        inputs["files"] = src.files_fingerprint(
+            sorted(p for p in Path(cfg.dataset).rglob("*") if p.is_file())
         )
-        return f"hf: {cfg.dataset}", inputs, read
-    inputs = src.builtin_fingerprint()
-    return (
-        f"builtin: Python {sys.version.split()[0]} standard-library docstrings",
-        inputs,
-        src.builtin_documents,
+    read = functools.partial(
+        src.dataset_documents,
+        cfg.dataset,
+        config=cfg.dataset_config,
+        split=cfg.dataset_split,
+        text_field=cfg.text_field,
+        max_documents=cfg.max_documents,
     )
+    return f"hf: {cfg.dataset}", inputs, read
 
 
 def _cache_key(cfg: PrepareConfig, inputs: dict) -> str:
