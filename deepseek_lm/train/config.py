@@ -1,0 +1,170 @@
+"""The training configuration: one dataclass, grouped by concept, and the training presets.
+
+`TrainConfig()` is the seed's recipe (micro-batch 4 × accumulation 8, sequence 256, lr 1e-4, 5 epochs, 1000
+warmup steps, clipping 0.5, AdamW). A preset names a model preset and overrides of these defaults; the CLI
+applies it as defaults, so a YAML file and command-line flags always win over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.errors import UserError
+
+DEFAULT_PROMPTS = ["The ", "A function that", "Return the", "This module provides"]
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (the seed's recipe by default)."""
+
+    # data
+    data_dir: str | None = None
+    """A directory written by `deepseek-lm prepare`; None: the built-in corpus, prepared on first use."""
+    seq_len: int = 256
+    """Tokens per training window."""
+    micro_batch_size: int = 4
+    """Sequences per forward pass, per process."""
+    grad_accum_steps: int = 8
+    """Micro-batches per optimizer step; global batch = micro-batch × accumulation × processes."""
+
+    # length
+    epochs: float = 5.0
+    """Passes over the training split; used when max_steps is None."""
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs and sets the schedule's length."""
+    max_time_minutes: float | None = None
+    """Wall-clock budget for this invocation: stop cleanly (evaluate, save) once exceeded."""
+
+    # optimizer: AdamW with decoupled weight decay (none on norms, biases, embeddings)
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The schedule's floor as a fraction of lr."""
+    warmup_steps: int = 1000
+    """Linear warmup from 0 to lr."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, down to lr × min_lr_ratio."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 0.5
+    """Clip the global gradient norm to this (0 disables)."""
+
+    # precision and speed
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: fp32 on CPU (faster there than bf16), bf16 autocast on GPUs with bf16, fp16 + scaler otherwise."""
+    compile: bool = False
+    """torch.compile the model (pays off on GPUs for long runs)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~30 % more compute)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state with FSDP2 (GPUs under torchrun)."""
+    dist_timeout_s: float = 600.0
+    """How long a collective may wait for another process before this one fails."""
+
+    # evaluation and samples
+    eval_every: int = 500
+    """Validate every N optimizer steps (and at the end); 0: only at the end."""
+    eval_batches: int = 50
+    """Validation batches per periodic evaluation; the final one uses the whole split."""
+    sample_every: int = 1000
+    """Print samples from the fixed prompts every N steps (and at the end); 0: only at the end."""
+    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    sample_max_new_tokens: int = 40
+    sample_temperature: float = 0.8
+    sample_top_k: int = 50
+
+    # checkpoints
+    save_every: int = 1000
+    """Write a checkpoint every N optimizer steps (and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept besides the best by validation loss."""
+
+    # monitoring
+    log_every: int = 10
+    """Write a metrics record (and a log line) every N optimizer steps."""
+    wandb_project: str | None = None
+    """Log to Weights & Biases under this project (never prompts for a login)."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    """online falls back to offline when no API key is configured."""
+    wandb_run_name: str | None = None
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; None: measured with a quick matmul at start."""
+
+    seed: int = 1337
+    vocab_multiple: int = 64
+    """The model's vocabulary is the tokenizer's, padded up to a multiple of this."""
+
+    def __post_init__(self) -> None:
+        positive = ["seq_len", "micro_batch_size", "grad_accum_steps", "log_every", "keep_last"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be > 0 (got {getattr(self, name)})")
+        for name in ["warmup_steps", "eval_every", "sample_every", "save_every", "grad_clip", "weight_decay"]:
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0 (got {getattr(self, name)})")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UserError(f"train.max_steps must be > 0 (got {self.max_steps})")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"need lr > 0 and 0 <= min_lr_ratio <= 1 (got {self.lr}, {self.min_lr_ratio})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown training config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+# A preset: the model preset it trains, and its overrides of TrainConfig's defaults.
+# demo: the seed architecture within ~6 minutes of training on 2 CPU cores. The seed's lr 1e-4 with 1000
+#   warmup steps learns almost nothing in a few hundred steps, so: lr 3e-3 (small model, small batches),
+#   short warmup, cosine to 10 %; batch 8 × 128 tokens with no accumulation buys more optimizer steps.
+# fmt: off
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "seed": dict(model="seed"),
+    "demo": dict(
+        model="seed", micro_batch_size=8, grad_accum_steps=1, seq_len=128, max_steps=1200,
+        max_time_minutes=6.5, lr=3e-3, warmup_steps=50, weight_decay=0.1, grad_clip=1.0,
+        eval_every=200, eval_batches=20, sample_every=0, save_every=400, log_every=25,
+    ),
+    "tiny": dict(
+        model="tiny", micro_batch_size=4, grad_accum_steps=2, seq_len=32, max_steps=20, lr=3e-3,
+        warmup_steps=5, eval_every=10, eval_batches=4, sample_every=0, save_every=10, log_every=1,
+        sample_max_new_tokens=8,
+    ),
+    "100m": dict(
+        model="100m", micro_batch_size=16, grad_accum_steps=4, seq_len=1024, epochs=1.0, lr=1e-3,
+        warmup_steps=500, grad_clip=1.0, eval_every=250, save_every=500,
+    ),
+    "1b": dict(
+        model="1b", micro_batch_size=8, grad_accum_steps=8, seq_len=2048, epochs=1.0, lr=4e-4,
+        warmup_steps=1000, grad_clip=1.0, eval_every=500, save_every=1000, gradient_checkpointing=True,
+    ),
+}
+# fmt: on
+
+
+def preset_defaults(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model config dict, train config dict) of a preset, the starting point before user overrides."""
+    if name not in TRAIN_PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
+    overrides = dict(TRAIN_PRESETS[name])
+    model = DeepSeekConfig.from_preset(overrides.pop("model")).to_dict()
+    return model, {**TrainConfig().to_dict(), **overrides}
+
+
+def padded_vocab(tokenizer_vocab: int, multiple: int) -> int:
+    return math.ceil(tokenizer_vocab / multiple) * multiple

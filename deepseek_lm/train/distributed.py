@@ -1,0 +1,217 @@
+"""Data parallelism under torchrun: DDP everywhere (gloo on CPU, NCCL on GPU), FSDP2 as a GPU option.
+
+The process group comes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), so
+single-node and multi-node runs differ only in torchrun's own flags. Every collective has a timeout
+(`train.dist_timeout_s`): a rank that dies makes the others fail within that bound instead of hanging; with
+gloo a dead peer usually surfaces at once as a closed connection. Checkpoints stay our one-directory format:
+under FSDP2 the full state dicts are gathered to rank 0, which writes them; every rank reads them on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deepseek_lm.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class RankFailure(UserError):
+    """Another process of the run died or stopped answering; the run must be restarted (with --resume)."""
+
+
+def init_distributed(device: str, timeout_s: float) -> DistInfo:
+    """Join torchrun's process group when WORLD_SIZE > 1; a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        # NCCL then aborts a failed or timed-out collective instead of leaving the rank blocked in it.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return DistInfo(rank, world_size, local_rank, backend)
+
+
+def local_device(info: DistInfo, device: torch.device) -> torch.device:
+    """Each process drives its own GPU (LOCAL_RANK); CPU processes share the host."""
+    if device.type == "cuda" and info.enabled:
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def collective_guard(info: DistInfo):
+    """Turn a failed collective (dead peer, timeout) into one clear error instead of a backend traceback."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if not info.enabled or not _looks_like_comm_failure(e):
+            raise
+        raise RankFailure(
+            f"rank {info.rank}: lost contact with the other processes ({' '.join(str(e).split())[:200]}); "
+            "restart the run with --resume"
+        ) from e
+
+
+def _looks_like_comm_failure(e: BaseException) -> bool:
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e).lower()
+    return any(
+        s in text for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "broken pipe")
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# collectives that are no-ops in a single process
+
+
+def all_reduce(tensor: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# wrapping the model
+
+
+def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, *, fsdp: bool, param_dtype=None):
+    """DDP (or FSDP2 on GPUs) around `model`; the model itself when single-process."""
+    if fsdp:
+        return _fully_shard(model, info, device, param_dtype)
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # The MoE bias buffers are updated identically on every rank from all-reduced counts, so DDP need not
+    # broadcast buffers each forward.
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _fully_shard(model: nn.Module, info: DistInfo, device: torch.device, param_dtype):
+    if device.type != "cuda":
+        raise UserError(
+            "train.fsdp needs CUDA devices (FSDP2 shards over NCCL); use DDP (the default) on CPU"
+        )
+    if not info.enabled:
+        # FSDP2 over one GPU still exercises the sharded path (and its mixed precision); it needs a group.
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # bf16 compute with fp32 gradient reduction and fp32 master weights (torchtitan's default policy).
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def grad_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation window."""
+    if enabled:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if is_fsdp(model):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# full state dicts for our one-directory checkpoints
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict (on CPU); a collective under FSDP2, so every rank must call it."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, optimizer, options=options)
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)

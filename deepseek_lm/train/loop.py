@@ -1,0 +1,375 @@
+"""The train step (micro-batches → one optimizer step), evaluation, and the loop around them.
+
+Per optimizer step every rank runs `grad_accum_steps` micro-batches (gradient all-reduce only on the last,
+`no_sync` before), then one all-reduce of a small float64 vector carries the step's losses, the stop flag
+and the MoE router statistics, so every rank takes the same decisions (skip a non-finite step, stop) and
+updates the router biases from the same global token counts. Legend: L MoE layers, E routed experts.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deepseek_lm.train import distributed as D
+from deepseek_lm.train.monitor import Monitor, resource_usage
+from deepseek_lm.train.samples import format_samples, generate_samples
+from deepseek_lm.train.trainer import Trainer, save
+
+NONFINITE_LIMIT = 3  # non-finite steps in a row before the run saves and stops
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean cross-entropy over the step's micro-batches and ranks (nats / token)
+    aux_loss: float
+    grad_norm: float  # before clipping; nan when the step was skipped
+    skipped: bool  # non-finite loss or gradients: no update
+    stop: bool  # some rank was asked to stop (signal, time budget)
+    counts_LE: torch.Tensor | None  # routed tokens per expert, summed over micro-batches and ranks
+    dropped_L: torch.Tensor | None  # mean dropped fraction per MoE layer
+    entropy_L: torch.Tensor | None  # mean router entropy per MoE layer
+
+
+class StopSignal:
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint",
+            flush=True,
+        )
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one optimizer step
+
+
+def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor, sync: bool) -> Any:
+    """One micro-batch: forward with the step's precision, backward of (CE + MoE aux) / accumulation."""
+    with D.grad_sync(t.model, sync), t.precision.autocast():
+        out = t.model(x, targets=y)
+        loss = (out.loss + out.aux_loss) / t.cfg.grad_accum_steps
+    t.scaler.scale(loss).backward()
+    return out
+
+
+def _micro_batch_stats(out: Any) -> torch.Tensor:
+    """[ce, aux, counts (L·E), dropped (L), entropy (L)] of one forward, as one float64 vector."""
+    parts = [out.loss.detach().reshape(1), out.aux_loss.detach().reshape(1)]
+    stats = out.router_stats or []
+    parts += [s.counts.reshape(-1) for s in stats]
+    parts += (
+        [torch.stack([s.dropped_frac for s in stats]), torch.stack([s.entropy for s in stats])]
+        if stats
+        else []
+    )
+    device = out.loss.device  # dropped_frac may live on the CPU
+    return torch.cat([p.to(device=device, dtype=torch.float64) for p in parts])
+
+
+def _unpack(v: torch.Tensor, n_layers: int, n_experts: int, n_micro: int) -> dict[str, Any]:
+    """Split the reduced vector back; `n_micro` = micro-batches summed (accumulation × ranks)."""
+    counts_end = 2 + n_layers * n_experts
+    stats = {"loss": v[0].item() / n_micro, "aux_loss": v[1].item() / n_micro, "stop": v[-1].item() > 0}
+    if n_layers:
+        stats["counts_LE"] = v[2:counts_end].reshape(n_layers, n_experts)
+        stats["dropped_L"] = (v[counts_end : counts_end + n_layers] / n_micro).float()
+        stats["entropy_L"] = (v[counts_end + n_layers : counts_end + 2 * n_layers] / n_micro).float()
+    return stats
+
+
+def optimizer_step(t: Trainer) -> float | None:
+    """Unscale, clip, step; None (and no update) when the gradients are not finite."""
+    t.scaler.unscale_(t.optimizer)
+    max_norm = t.cfg.grad_clip if t.cfg.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+    if not math.isfinite(norm) and not t.scaler.is_enabled():  # fp16's scaler skips such steps itself
+        t.optimizer.zero_grad(set_to_none=True)
+        return None
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scheduler.step()
+    return norm
+
+
+def train_step(t: Trainer, stop_requested: bool) -> StepResult:
+    accum = t.cfg.grad_accum_steps
+    total = None
+    for i in range(accum):
+        x, y = next(t.loader)  # (B, T) each
+        out = forward_backward(
+            t, x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True), i == accum - 1
+        )
+        stats = _micro_batch_stats(out)
+        total = stats if total is None else total + stats
+    flag = torch.tensor([1.0 if stop_requested else 0.0], dtype=torch.float64, device=total.device)
+    reduced = D.all_reduce(torch.cat([total, flag]), t.dist)
+    n_layers = len(out.router_stats or [])
+    n_experts = t.model_config.n_routed_experts
+    s = _unpack(reduced.cpu(), n_layers, n_experts, accum * t.dist.world_size)
+    norm = None
+    if math.isfinite(s["loss"] + s["aux_loss"]):
+        norm = optimizer_step(t)
+    else:
+        t.optimizer.zero_grad(set_to_none=True)
+    if norm is None:
+        return StepResult(s["loss"], s["aux_loss"], math.nan, True, s["stop"], None, None, None)
+    if n_layers:
+        t.raw_model.update_router_biases(list(s["counts_LE"].to(t.device)))
+    t.state.step += 1
+    t.state.tokens_seen += t.tokens_per_step
+    return StepResult(
+        s["loss"],
+        s["aux_loss"],
+        norm,
+        False,
+        s["stop"],
+        s.get("counts_LE"),
+        s.get("dropped_L"),
+        s.get("entropy_L"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(t: Trainer, max_batches: int | None) -> dict[str, float]:
+    """Validation loss, perplexity and bits per byte. Every rank evaluates the same windows (deterministic),
+    so the result needs no reduction and FSDP2's collectives line up."""
+    from deepseek_lm.data import eval_batches
+
+    model = t.model if t.fsdp else t.raw_model  # DDP's wrapper is for training only
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in eval_batches(t.data.tokens("val"), t.cfg.seq_len, t.cfg.micro_batch_size, max_batches):
+        with t.precision.autocast():
+            out = model(x.to(t.device), targets=y.to(t.device))
+        total += out.loss.item() * y.numel()
+        count += y.numel()
+    model.train()
+    loss = total / max(count, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "bits_per_byte": bits_per_byte(loss, t.data.bytes_per_token("val")),
+        "tokens": count,
+    }
+
+
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
+    return loss_nats_per_token / math.log(2) / bytes_per_token
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the log window
+
+
+class Window:
+    """Sums over the steps since the last log record."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.loss = self.aux = self.grad_norm = 0.0
+        self.counts_LE: torch.Tensor | None = None
+        self.dropped_L: torch.Tensor | None = None
+        self.entropy_L: torch.Tensor | None = None
+
+    def add(self, r: StepResult) -> None:
+        self.steps += 1
+        self.loss += r.loss
+        self.aux += r.aux_loss
+        self.grad_norm += r.grad_norm
+        if r.counts_LE is not None:
+            first = self.counts_LE is None
+            self.counts_LE = r.counts_LE.clone() if first else self.counts_LE + r.counts_LE
+            self.dropped_L = r.dropped_L.clone() if first else self.dropped_L + r.dropped_L
+            self.entropy_L = r.entropy_L.clone() if first else self.entropy_L + r.entropy_L
+
+    def step_time(self) -> float:
+        return (time.perf_counter() - self.start) / max(self.steps, 1)
+
+    def record(self, t: Trainer, peak_flops: float | None) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.start
+        tokens_per_s = self.steps * t.tokens_per_step / elapsed
+        loss = self.loss / self.steps
+        record = {
+            "kind": "train",
+            "step": t.state.step,
+            "loss": loss,
+            "aux_loss": self.aux / self.steps,
+            "bits_per_byte": bits_per_byte(loss, t.data.bytes_per_token("train")),
+            "lr": t.scheduler.get_last_lr()[0],
+            "grad_norm": self.grad_norm / self.steps,
+            "tokens": t.state.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": elapsed / self.steps,
+        }
+        if peak_flops:
+            flops = t.raw_model.flops_per_token(t.cfg.seq_len) * tokens_per_s
+            record["mfu"] = flops / (peak_flops * t.dist.world_size)
+        if self.counts_LE is not None:
+            record.update(
+                expert_stats(self.counts_LE, self.dropped_L / self.steps, self.entropy_L / self.steps)
+            )
+        return record
+
+
+def expert_stats(counts_LE: torch.Tensor, dropped_L: torch.Tensor, entropy_L: torch.Tensor) -> dict[str, Any]:
+    share_LE = counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp(min=1)
+    return {
+        "expert_load": share_LE.tolist(),
+        # max / mean load per layer: 1.0 is perfectly balanced, E means one expert takes everything
+        "load_imbalance": (share_LE.max(dim=1).values * share_LE.shape[1]).tolist(),
+        "dropped_frac": dropped_L.tolist(),
+        "router_entropy": entropy_L.tolist(),
+    }
+
+
+def warn_nonfinite(t: Trainer, r: StepResult) -> None:
+    warnings.warn(
+        f"step {t.state.step + 1}: non-finite loss or gradients (loss {r.loss}, aux {r.aux_loss}); "
+        f"step skipped ({t.state.nonfinite_in_a_row} in a row)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train_loop(t: Trainer, monitor: Monitor | None, stop: StopSignal, peak_flops: float | None) -> str:
+    """Optimizer steps until done; returns why it stopped: "done" | "time" | "signal" | "nonfinite"."""
+    budget = t.cfg.max_time_minutes
+    deadline = time.monotonic() + budget * 60 if budget is not None else math.inf
+    window = Window()
+    while t.state.step < t.total_steps:
+        over_time = t.dist.is_main and time.monotonic() > deadline  # rank 0's clock decides for all
+        result = train_step(t, stop.requested or over_time)
+        if result.skipped:
+            t.state.nonfinite_in_a_row += 1
+            if t.dist.is_main:
+                warn_nonfinite(t, result)
+            if t.state.nonfinite_in_a_row >= NONFINITE_LIMIT:
+                return "nonfinite"
+        else:
+            t.state.nonfinite_in_a_row = 0
+            window.add(result)
+            window = after_step(t, monitor, window, result, peak_flops)
+        if result.stop:
+            return "time" if over_time else "signal"
+    return "done"
+
+
+def after_step(
+    t: Trainer, monitor: Monitor | None, window: Window, result: StepResult, peak_flops: float | None
+) -> Window:
+    """Periodic logging, evaluation, checkpoints and samples; the final step's are the caller's."""
+    step, cfg = t.state.step, t.cfg
+    if monitor is not None:
+        monitor.advance(
+            step, result.loss, t.scheduler.get_last_lr()[0], t.tokens_per_step / max(window.step_time(), 1e-9)
+        )
+    if step % cfg.log_every == 0 or step == t.total_steps:
+        record = window.record(t, peak_flops)
+        if monitor is not None:
+            monitor.log(record | resource_usage(monitor.process, t.device))
+            monitor.print(format_train(record, t.total_steps))
+        window = Window()
+    if step >= t.total_steps:
+        return window
+    if _due(step, cfg.eval_every):
+        run_eval(t, monitor, cfg.eval_batches, save_if_best=True)
+    elif _due(step, cfg.save_every):
+        save(t)
+    if _due(step, cfg.sample_every):
+        run_samples(t, monitor)
+    return window
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def run_eval(t: Trainer, monitor: Monitor | None, max_batches: int | None, *, save_if_best: bool) -> dict:
+    metrics = evaluate(t, max_batches)
+    is_best = metrics["loss"] < t.state.best_val_loss
+    if is_best:
+        t.state.best_val_loss = metrics["loss"]
+    if monitor is not None:
+        monitor.log({"kind": "eval", "step": t.state.step, **metrics, "full": max_batches is None})
+        monitor.print(format_eval(metrics, t.data.manifest.get("xz_bits_per_byte"), t.state.step))
+    if save_if_best and (is_best or _due(t.state.step, t.cfg.save_every)):
+        save(t, is_best=is_best)
+    return metrics | {"is_best": is_best}
+
+
+def run_samples(t: Trainer, monitor: Monitor | None) -> list[str]:
+    """Samples from the fixed prompts: rank 0 alone (all ranks under FSDP2, whose forward is collective)."""
+    if not (t.dist.is_main or t.fsdp):
+        return []
+    model = t.model if t.fsdp else t.raw_model
+    texts = generate_samples(model, t.data.tokenizer, t.cfg, seed=t.cfg.seed)
+    model.train()
+    if monitor is not None:
+        monitor.log({"kind": "sample", "step": t.state.step, "prompts": t.cfg.sample_prompts, "texts": texts})
+        monitor.print(f"samples at step {t.state.step}:\n" + format_samples(t.cfg.sample_prompts, texts))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# log lines
+
+
+def format_train(r: dict[str, Any], total_steps: int) -> str:
+    parts = [
+        f"step {r['step']:>{len(str(total_steps))}}/{total_steps}",
+        f"loss {r['loss']:.4f}",
+        f"{r['bits_per_byte']:.3f} bits/byte",
+        f"lr {r['lr']:.2e}",
+        f"{r['tokens_per_s']:,.0f} tok/s",
+    ]
+    if "mfu" in r:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    if "load_imbalance" in r:
+        parts.append(f"expert load max/mean {max(r['load_imbalance']):.2f}")
+    return " | ".join(parts)
+
+
+def format_eval(m: dict[str, float], xz_bpb: float | None, step: int) -> str:
+    xz = f" (xz -9: {xz_bpb:.3f})" if xz_bpb is not None else ""
+    return (
+        f"eval step {step}: val loss {m['loss']:.4f} | perplexity {m['perplexity']:.1f} | "
+        f"{m['bits_per_byte']:.3f} bits/byte{xz}"
+    )

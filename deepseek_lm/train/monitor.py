@@ -1,0 +1,153 @@
+"""Monitoring: progress bar, `metrics.jsonl` (always), Weights & Biases (when asked), resources, MFU.
+
+Only the main process (rank 0) creates a `Monitor`; the others log nothing. One record per line in
+`metrics.jsonl`, each with `kind` ("train" | "eval" | "sample" | "event") and `step`, so plots and tests read
+the file back without any other state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import netrc
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
+    """Drop records logged after `after_step`: on resume they are about to be produced again."""
+    path = Path(run_dir) / METRICS_FILE
+    if path.is_file():
+        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resources and MFU
+
+
+def resource_usage(process: psutil.Process, device: torch.device) -> dict[str, float]:
+    usage = {
+        "cpu_percent": process.cpu_percent(),  # since the previous call; can exceed 100 with several threads
+        "rss_gb": process.memory_info().rss / 2**30,
+    }
+    if device.type == "cuda":
+        usage["gpu_mem_gb"] = torch.cuda.memory_allocated(device) / 2**30
+        usage["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        with contextlib.suppress(Exception):  # needs pynvml / NVML; not on every machine
+            usage["gpu_util"] = float(torch.cuda.utilization(device))
+    return usage
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 4) -> float:
+    """A quick achieved-matmul FLOP/s on `device` (the MFU denominator when no peak is given)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up: kernel selection, allocation
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights & Biases
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def init_wandb(project: str, mode: str, run_dir: Path, config: dict, name: str | None, run_id: str | None):
+    """A wandb run that never prompts: online without an API key falls back to offline, with a warning."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    mode = os.environ.get("WANDB_MODE", mode)
+    if mode == "online" and not _has_wandb_key():
+        warnings.warn("no W&B API key (WANDB_API_KEY or `wandb login`): logging offline", stacklevel=2)
+        mode = "offline"
+    import wandb
+
+    settings = wandb.Settings(silent=True, console="off", login_timeout=10)
+    return wandb.init(
+        project=project, mode=mode, dir=str(run_dir), config=config, name=name,
+        id=run_id, resume="allow", settings=settings,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the monitor
+
+
+class Monitor:
+    """Everything the main process reports: bar, log lines, metrics.jsonl, wandb."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, *, bar: bool = True, wandb_run=None):
+        from tqdm.auto import tqdm
+
+        self.run_dir = run_dir
+        self.metrics = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 (closed in close())
+        self.wandb = wandb_run
+        self.process = psutil.Process()
+        self.process.cpu_percent()  # start the CPU-time window
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not bar
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(_flatten(record, record["kind"]), step=record["step"])
+
+    def print(self, text: str) -> None:
+        self.bar.write(text)
+
+    def advance(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.bar.n = step
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _flatten(record: dict[str, Any], prefix: str) -> dict[str, float]:
+    """`{"loss": 2.1, "expert_load": [[.2, .3], ...]}` → `{"train/loss": 2.1, "train/expert_load/0/1": .3, ...}`."""
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        if key in ("step", "kind"):
+            continue
+        if isinstance(value, (list, tuple)):
+            flat.update(_flatten({str(i): v for i, v in enumerate(value)}, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            flat[f"{prefix}/{key}"] = value
+    return flat

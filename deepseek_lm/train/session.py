@@ -1,0 +1,179 @@
+"""A whole training run as one library call: build, report, loop, final evaluation, samples, save, plots.
+
+from deepseek_lm import DeepSeekConfig
+from deepseek_lm.train import TrainConfig, train
+result = train(DeepSeekConfig.from_preset("tiny"), TrainConfig(data_dir="data", max_steps=100), "runs/x")
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepseek_lm import checkpoint as ckpt
+from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.errors import UserError
+from deepseek_lm.train import distributed as D
+from deepseek_lm.train.config import TrainConfig
+from deepseek_lm.train.loop import StopSignal, run_eval, run_samples, train_loop
+from deepseek_lm.train.monitor import Monitor, init_wandb, measure_matmul_peak, truncate_metrics
+from deepseek_lm.train.plots import plot_run
+from deepseek_lm.train.trainer import Trainer, build_trainer, save
+
+STOP_MESSAGES = {
+    "done": "finished",
+    "time": "stopped: the time budget (train.max_time_minutes) ran out",
+    "signal": "stopped by a signal",
+    "nonfinite": "stopped: non-finite loss",
+}
+
+
+class TrainingDiverged(UserError):
+    """The loss stayed non-finite; the run saved a checkpoint of its last good state and stopped."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path | None  # the last one written
+    step: int
+    reason: str  # done | time | signal | nonfinite
+    val: dict[str, float] | None  # the final evaluation (whole validation split)
+    samples: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+def train(
+    model_config: DeepSeekConfig,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    preset: str | None = None,
+) -> TrainResult:
+    """Train in `out_dir` (created); with `resume`, continue from its latest complete checkpoint."""
+    start = time.monotonic()
+    stop = StopSignal().install()
+    monitor, t = None, None
+    try:
+        t = build_trainer(model_config, cfg, out_dir, resume=resume)
+        if t.dist.is_main:
+            prepare_run_dir(t, resume, preset)
+            monitor = make_monitor(t)
+        with D.collective_guard(t.dist):
+            peak = t.cfg.peak_flops or measure_matmul_peak(t.device, t.precision.dtype)
+            reason = train_loop(t, monitor, stop, peak)
+            return finish(t, monitor, reason, time.monotonic() - start)
+    finally:
+        if monitor is not None:
+            monitor.close()
+        stop.restore()
+        D.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# start
+
+
+def prepare_run_dir(t: Trainer, resume: bool, preset: str | None) -> None:
+    """Refuse to mix two runs in one directory; on resume drop metrics the resumed steps will re-log."""
+    t.run_dir.mkdir(parents=True, exist_ok=True)
+    if t.resumed_from is None and ckpt.list_checkpoints(t.run_dir):
+        raise UserError(
+            f"{t.run_dir} already holds checkpoints of another run: pass --resume to continue it, "
+            "or choose another --out"
+        )
+    if t.resumed_from is not None:
+        truncate_metrics(t.run_dir, t.state.step)
+    elif (t.run_dir / "metrics.jsonl").exists():
+        (t.run_dir / "metrics.jsonl").unlink()
+    resolved = {"preset": preset, "model": t.model_config.to_dict(), "train": t.cfg.to_dict()}
+    (t.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    print(header(t, resolved), flush=True)
+
+
+def header(t: Trainer, resolved: dict[str, Any]) -> str:
+    cfg, counts = t.cfg, t.raw_model.param_counts()
+    manifest = t.data.manifest
+    xz = manifest.get("xz_bits_per_byte")
+    epochs = t.total_steps * cfg.grad_accum_steps / t.loader.batches_per_epoch
+    lines = [
+        f"run {t.run_dir}"
+        + (f" (resumed from {t.resumed_from} at step {t.state.step})" if t.resumed_from else ""),
+        "resolved config:",
+        *("  " + line for line in yaml.safe_dump(resolved, sort_keys=False).splitlines()),
+        f"device {t.device} · precision {t.precision.name} · {t.dist.world_size} process(es)"
+        + (" · FSDP2" if t.fsdp else " · DDP" if t.dist.enabled else ""),
+        f"global batch {cfg.micro_batch_size} × {cfg.grad_accum_steps} accumulation × {t.dist.world_size} "
+        f"process(es) = {cfg.micro_batch_size * cfg.grad_accum_steps * t.dist.world_size} sequences "
+        f"× {cfg.seq_len} tokens = {t.tokens_per_step:,} tokens per step",
+        f"model: {counts['total'] / 1e6:.2f} M parameters ({counts['activated'] / 1e6:.2f} M activated per token, "
+        f"{counts['embedding'] / 1e6:.2f} M embedding) · vocabulary {t.model_config.vocab_size:,}",
+        f"data {t.data.path}: {manifest['splits']['train']['tokens']:,} train / "
+        f"{manifest['splits']['val']['tokens']:,} val tokens"
+        + (f" · xz -9 baseline {xz:.3f} bits/byte" if xz is not None else ""),
+        f"schedule: {t.total_steps} steps (≈ {epochs:.2f} epochs), lr {cfg.lr:g}, warmup {cfg.warmup_steps}, "
+        f"{cfg.decay} to {cfg.lr * cfg.min_lr_ratio:g}"
+        + (f", at most {cfg.max_time_minutes:g} min" if cfg.max_time_minutes else ""),
+    ]
+    return "\n".join(lines)
+
+
+def make_monitor(t: Trainer) -> Monitor:
+    wandb_run = None
+    if t.cfg.wandb_project:
+        t.state.wandb_id = t.state.wandb_id or uuid.uuid4().hex[:8]
+        config = {"model": t.model_config.to_dict(), "train": t.cfg.to_dict()}
+        wandb_run = init_wandb(
+            t.cfg.wandb_project, t.cfg.wandb_mode, t.run_dir, config, t.cfg.wandb_run_name, t.state.wandb_id
+        )
+    # a bar only on a terminal: in a log file its carriage returns are noise beside the log lines
+    return Monitor(t.run_dir, t.total_steps, t.state.step, bar=sys.stderr.isatty(), wandb_run=wandb_run)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end
+
+
+def finish(t: Trainer, monitor: Monitor | None, reason: str, elapsed_s: float) -> TrainResult:
+    """Final evaluation over the whole validation split, samples, checkpoint, plots, summary."""
+    if reason == "nonfinite":
+        path = save(t)
+        raise TrainingDiverged(
+            f"the loss was non-finite for {t.state.nonfinite_in_a_row} steps in a row after step {t.state.step}; "
+            f"saved {path or t.run_dir}; lower train.lr, raise train.warmup_steps or use precision fp32"
+        )
+    val = run_eval(t, monitor, None, save_if_best=False)
+    texts = run_samples(t, monitor)
+    path = save(t, is_best=val["is_best"])
+    result = TrainResult(t.run_dir, path, t.state.step, reason, val, texts, elapsed_s)
+    if monitor is not None:
+        monitor.log({"kind": "event", "step": t.state.step, "event": reason, "elapsed_s": elapsed_s})
+        plot_run(t.run_dir, t.data.manifest.get("xz_bits_per_byte"))
+        monitor.print(summary(t, result))
+    return result
+
+
+def summary(t: Trainer, r: TrainResult) -> str:
+    xz = t.data.manifest.get("xz_bits_per_byte")
+    bpb = r.val["bits_per_byte"]
+    verdict = ""
+    if xz is not None:
+        verdict = f" · xz -9: {xz:.3f} bits/byte → {'beats' if bpb < xz else 'does not beat'} xz"
+    minutes, seconds = divmod(round(r.elapsed_s), 60)
+    best = ckpt.resolve_checkpoint(t.run_dir)
+    return "\n".join(
+        [
+            f"{STOP_MESSAGES[r.reason]} at step {r.step}/{t.total_steps} in {minutes}m{seconds:02d}s",
+            f"final: val loss {r.val['loss']:.4f} · perplexity {r.val['perplexity']:.1f} · "
+            f"{bpb:.3f} bits/byte{verdict}",
+            f"saved {r.checkpoint} (best: {best}); plots and metrics.jsonl in {t.run_dir}",
+            f'next: deepseek-lm generate --checkpoint {t.run_dir} --prompt "The "',
+        ]
+    )
