@@ -183,5 +183,7 @@ def get_model(config: DeepSeekConfig | None = None, device: torch.device | str |
     with torch.device("meta"):
         model = DeepSeekLM(config)
     model.to_empty(device=device or "cpu")
+    if config.tie_word_embeddings:  # to_empty gives every module its own new tensor: tie the head again
+        model.lm_head.weight = model.embed_tokens.weight
     model.init_weights()
     return model
