@@ -1,0 +1,184 @@
+"""Training end to end on the tiny preset: exact resume, interrupted checkpoint writes, non-finite steps,
+outputs of a run (checkpoints, plots, W&B offline), corrupt checkpoints."""
+
+import shutil
+
+import pytest
+import torch
+from train_helpers import make_tiny_data, tiny_configs
+
+from deepseek_lm import checkpoint as ckpt
+from deepseek_lm.checkpoint import CheckpointError, load_checkpoint
+from deepseek_lm.train import loop
+from deepseek_lm.train.monitor import read_metrics
+from deepseek_lm.train.session import TrainingDiverged, train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+def stop_after(monkeypatch, step: int) -> None:
+    """Ask the loop to stop once `step` is done, as SIGINT during that step would."""
+    original = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda t, stop: original(t, stop or t.state.step == step - 1))
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one full run, shared by the tests that only look at its outputs
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    mp = pytest.MonkeyPatch()
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(run_dir), "WANDB_SILENT": "true"}.items():
+        mp.setenv(key, value)
+    mp.delenv("WANDB_API_KEY", raising=False)
+    model_config, cfg = tiny_configs(data_dir, max_steps=8, eval_every=4, save_every=4, wandb_project="t")
+    result = train(model_config, cfg, run_dir)
+    mp.undo()
+    return result
+
+
+def test_run_writes_checkpoints_metrics_and_plots(full_run):
+    run_dir = full_run.run_dir
+    assert full_run.reason == "done" and full_run.step == 8
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_00000004", "step_00000008"]
+    for name in ["loss.png", "lr.png", "expert_load.png"]:
+        assert (run_dir / name).read_bytes()[:8] == PNG_MAGIC
+    records = read_metrics(run_dir, "train")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert {"expert_load", "dropped_frac", "router_entropy", "mfu", "rss_gb", "cpu_percent"} <= set(
+        records[-1]
+    )
+    evals = read_metrics(run_dir, "eval")
+    assert [r["step"] for r in evals] == [4, 8] and evals[-1]["full"]
+    assert read_metrics(run_dir, "sample")[-1]["texts"]
+    assert full_run.val["bits_per_byte"] == evals[-1]["bits_per_byte"]
+
+
+def test_checkpoint_loads_with_config_and_tokenizer(full_run):
+    loaded = load_checkpoint(full_run.run_dir)
+    assert loaded.path == ckpt.resolve_checkpoint(full_run.run_dir)
+    assert loaded.train_config["max_steps"] == 8 and loaded.tokenizer is not None
+    assert loaded.config.vocab_size % 64 == 0 and not loaded.model.training
+    state = ckpt.read_trainer_state(full_run.checkpoint)
+    assert state["state"]["step"] == 8 and state["loader"]["batch"] > 0
+
+
+def test_wandb_offline_run_dir_holds_the_metrics(full_run):
+    (run_file,) = full_run.run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    assert run_file.stat().st_size > 0  # the metric names are checked in test_train_monitor
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "trainer_state.pt"])
+def test_corrupt_checkpoint_file_is_one_line(full_run, tmp_path, name):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(full_run.checkpoint, copy)
+    (copy / name).write_bytes((copy / name).read_bytes()[:100])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(copy) if name == "model.safetensors" else ckpt.read_trainer_state(copy)
+    assert str(copy / name) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_mismatched_checkpoint_names_the_file(full_run, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(full_run.checkpoint, copy)
+    text = (copy / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 32')
+    (copy / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors") as info:
+        load_checkpoint(copy)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resume
+
+
+def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
+    model_config, cfg = tiny_configs(data_dir, max_steps=8, eval_every=0, save_every=0, sample_every=0)
+    straight = train(model_config, cfg, tmp_path / "straight")
+
+    with monkeypatch.context() as m:
+        stop_after(m, 4)
+        first = train(model_config, cfg, tmp_path / "resumed")
+    assert (first.reason, first.step) == ("signal", 4)
+    resumed = train(model_config, cfg, tmp_path / "resumed", resume=True)
+    assert resumed.step == 8
+
+    a = ckpt.read_model_state(straight.checkpoint)
+    b = ckpt.read_model_state(resumed.checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    biases = [k for k in a if k.endswith("e_score_correction_bias")]
+    assert biases and any(a[k].abs().sum() > 0 for k in biases)  # the biases moved, and identically
+    assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "resumed")
+    sa, sb = ckpt.read_trainer_state(straight.checkpoint), ckpt.read_trainer_state(resumed.checkpoint)
+    assert sa["loader"] == sb["loader"] and sa["scheduler"] == sb["scheduler"]
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path, monkeypatch):
+    model_config, cfg = tiny_configs(data_dir, max_steps=8, eval_every=0, save_every=4, sample_every=0)
+    real_save = torch.save
+
+    def dies_at_step_8(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        if obj["state"]["step"] == 8:
+            with open(path, "r+b") as f:  # a half-written file, then the failure
+                f.truncate(64)
+            raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt.torch, "save", dies_at_step_8)
+        with pytest.raises(CheckpointError, match="No space left"):
+            train(model_config, cfg, tmp_path)
+    latest = ckpt.latest_checkpoint(tmp_path, training=True)
+    assert latest.name == "step_00000004" and ckpt.read_trainer_state(latest)["state"]["step"] == 4
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    load_checkpoint(tmp_path)
+    resumed = train(model_config, cfg, tmp_path, resume=True)
+    assert resumed.step == 8 and resumed.checkpoint.name == "step_00000008"
+
+
+def test_new_run_refuses_a_directory_with_checkpoints(full_run):
+    from deepseek_lm.errors import UserError
+
+    model_config, cfg = tiny_configs(full_run.run_dir, max_steps=2)
+    cfg.data_dir = str(load_checkpoint(full_run.run_dir).train_config["data_dir"])
+    with pytest.raises(UserError, match="--resume"):
+        train(model_config, cfg, full_run.run_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# non-finite losses
+
+
+def poison_losses_after(monkeypatch, step: int) -> None:
+    original = loop.forward_backward
+
+    def forward_backward(t, x, y, sync):
+        out = original(t, x, y, sync)
+        if t.state.step >= step:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(loop, "forward_backward", forward_backward)
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_saves_and_stops(data_dir, tmp_path, monkeypatch):
+    model_config, cfg = tiny_configs(data_dir, max_steps=8, eval_every=0, save_every=0, sample_every=0)
+    poison_losses_after(monkeypatch, 2)
+    with pytest.warns(RuntimeWarning, match="non-finite") as warned, pytest.raises(TrainingDiverged) as info:
+        train(model_config, cfg, tmp_path)
+    assert len([w for w in warned if "non-finite" in str(w.message)]) == 3
+    assert "3 steps in a row" in str(info.value) and "\n" not in str(info.value)
+    latest = ckpt.latest_checkpoint(tmp_path, training=True)
+    assert latest.name == "step_00000002"
+    assert all(torch.isfinite(v).all() for v in ckpt.read_model_state(latest).values())
