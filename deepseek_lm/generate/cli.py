@@ -1,0 +1,191 @@
+"""`deepseek-lm generate` and `deepseek-lm eval`: parse arguments, call the library, print.
+
+deepseek-lm generate --checkpoint runs/demo --prompt "Return the" --max-new-tokens 64
+deepseek-lm generate --checkpoint runs/demo --prompt-file prompts.txt --temperature 0   # a batch
+echo "Once upon" | deepseek-lm generate --checkpoint runs/demo --prompt -
+deepseek-lm generate --checkpoint runs/demo --interactive
+deepseek-lm eval --checkpoint runs/demo                  # the training run's validation split
+deepseek-lm eval --checkpoint runs/demo --data notes.md  # any text files
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ArgumentParser
+
+from deepseek_lm.errors import UserError
+from deepseek_lm.generate.sampling import SamplingConfig
+
+_ESCAPES = {"\\n": "\n", "\\t": "\t"}
+
+
+def _generate_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="deepseek-lm generate",
+        description="Sample text from a checkpoint. One prompt is streamed to the terminal as it is "
+        "generated; several prompts (--prompt repeated, or --prompt-file) are decoded together as one batch.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint directory, or a run directory (its best)"
+    )
+    p.add_argument("--prompt", action="append", type=str, help="prompt text ('-': read stdin); repeatable")
+    p.add_argument("--prompt-file", type=str, help="a text file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument(
+        "--top-k", type=int | None, default=200, help="sample from the k most likely tokens (0: all)"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
+    p.add_argument("--seed", type=int | None, default=None, help="fixes the sample")
+    p.add_argument("--stop", nargs="+", type=str, help="stop strings (\\n and \\t are understood)")
+    p.add_argument("--interactive", action="store_true", help="a prompt loop; Ctrl-D quits")
+    p.add_argument("--device", type=str, default="cpu", help="cpu, cuda, cuda:1, ...")
+    return p
+
+
+def main_generate(argv: list[str]) -> int:
+    args = _generate_parser().parse_args(argv)
+    prompts = _read_prompts(args.prompt, args.prompt_file)
+    if not prompts and not args.interactive:
+        raise UserError(
+            "no prompt: give --prompt TEXT, --prompt - (stdin), --prompt-file FILE or --interactive"
+        )
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    # checked before the (slower) checkpoint load
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    from deepseek_lm.generate.engine import Engine
+
+    engine = Engine.from_checkpoint(args.checkpoint, device=args.device)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        stop=[_unescape(s) for s in args.stop or []],
+        **dataclasses.asdict(sampling),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        if len(prompts) == 1:
+            _stream_one(engine, prompts[0], settings)
+        elif prompts:
+            _print_batch(engine, prompts, settings)
+        if args.interactive:
+            _interactive(engine, settings)
+    return 0
+
+
+def _read_prompts(prompt: list[str] | None, prompt_file: str | None) -> list[str]:
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompt or []]
+    if prompt_file is not None:
+        try:
+            lines = Path(prompt_file).read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as e:
+            raise UserError(f"--prompt-file {prompt_file}: cannot read it ({e.strerror})") from None
+        from_file = [line for line in lines if line.strip()]
+        if not from_file:
+            raise UserError(f"--prompt-file {prompt_file}: no prompts in it (one prompt per non-empty line)")
+        prompts += from_file
+    return prompts
+
+
+def _unescape(stop: str) -> str:
+    for escaped, char in _ESCAPES.items():
+        stop = stop.replace(escaped, char)
+    return stop
+
+
+def _stream_one(engine: Any, prompt: str, settings: dict[str, Any]) -> None:
+    out = sys.stdout
+    out.write(prompt)
+    out.flush()
+
+    def show(_: int, piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    completion = engine.generate(prompt, stream=show, **settings)
+    out.write("\n")
+    out.flush()
+    _note_context_end(engine, completion)
+
+
+def _print_batch(engine: Any, prompts: list[str], settings: dict[str, Any]) -> None:
+    completions = engine.generate(prompts, **settings)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        print(f"{'' if i == 0 else chr(10)}--- [{i}] ({completion.finish_reason}) ---")
+        print(prompt + completion.text, flush=True)
+        _note_context_end(engine, completion)
+
+
+def _interactive(engine: Any, settings: dict[str, Any]) -> None:
+    print("interactive: type a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            prompt = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not prompt.strip():
+            continue
+        try:
+            _stream_one(engine, prompt, settings)
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+
+
+def _note_context_end(engine: Any, completion: Any) -> None:
+    if completion.finish_reason == "context":
+        print(f"[stopped at the end of the {engine.context_length}-token context]", file=sys.stderr)
+
+
+def _show_warning(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+):
+    print(f"deepseek-lm generate: warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _eval_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="deepseek-lm eval",
+        description="Loss, perplexity and bits per byte of a checkpoint, with the xz baseline beside them. "
+        "Without --data: the validation split of the data the checkpoint was trained on.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint directory, or a run directory (its best)"
+    )
+    p.add_argument("--data", nargs="+", type=str, help="text files (.txt, .md, ..., directories, globs)")
+    p.add_argument("--data-dir", type=str, help="a directory written by `prepare`: its validation split")
+    p.add_argument("--seq-len", type=int | None, default=None, help="window length (default: training's)")
+    p.add_argument("--batch-size", type=int | None, default=None, help="default: training's micro-batch")
+    p.add_argument("--max-batches", type=int | None, default=None, help="default: the whole split")
+    p.add_argument("--json", type=str | None, default=None, help="also write the results to this JSON file")
+    p.add_argument("--device", type=str, default="cpu", help="cpu, cuda, cuda:1, ...")
+    return p
+
+
+def main_eval(argv: list[str]) -> int:
+    args = _eval_parser().parse_args(argv)
+    if args.data and args.data_dir:
+        raise UserError("give either --data (text files) or --data-dir (a prepared split), not both")
+    from deepseek_lm.checkpoint import load_checkpoint
+    from deepseek_lm.generate.evaluate import EvalSettings, evaluate_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    settings = EvalSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches)
+    report = evaluate_checkpoint(ckpt, data=args.data, data_dir=args.data_dir, settings=settings)
+    print(report.format())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0

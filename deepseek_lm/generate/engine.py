@@ -1,0 +1,340 @@
+"""The generation engine: prefill the prompts in one forward pass into a preallocated latent KV cache, then
+decode token by token over it (SPEC §6).
+
+Per decode step the loop runs one model forward on (B, 1) tokens, one sampling call and a handful of
+in-place tensor updates into buffers allocated once per call; it reads tokens back to the host only when text
+is needed (streaming, stop strings) and checks for "all rows finished" every step on CPU, every
+`_SYNC_EVERY` steps on accelerators, where each read is a device sync.
+
+Batches of prompts of different lengths are right-padded (CONTRACT.md): the padded batch fills the cache in
+one pass, then each row's last prompt token runs once more as a decode step at that row's own position,
+which gives every row its next-token logits without materialising (B, T, V) prefill logits. Decoding
+continues with per-row positions; pad slots are overwritten before anything attends to them.
+
+Context length: a prompt is left-truncated (with a `PromptTruncatedWarning`) so that `max_new_tokens` fit in
+`max_position_embeddings`, but never to fewer than half the context; a row that reaches the end of the
+context stops there with finish_reason "context".
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepseek_lm.data.tokenizer import special_token_ids
+from deepseek_lm.errors import UserError
+from deepseek_lm.generate.sampling import SamplingConfig, make_generator, sample
+from deepseek_lm.generate.streaming import TextStream
+
+_SYNC_EVERY = 16  # decode steps between "all rows finished?" checks on a GPU (each check is a device sync)
+
+# called with (prompt index, text piece) as text is produced
+StreamCallback = Callable[[int, str], None]
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt lost its oldest tokens to fit the context window."""
+
+
+@dataclass
+class Completion:
+    text: str  # the generated text (no prompt, no special tokens, cut before a stop string)
+    token_ids: list[int]  # generated ids, EOS excluded; with a stop string, up to the token completing it
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length" (max_new_tokens) | "context" (window full)
+    prompt_tokens: int  # prompt length after any truncation
+    logits: torch.Tensor | None = None  # (len(token_ids) (+1 when EOS ended it), V) fp32, on request
+
+
+class Engine:
+    """Sampling from a `DeepSeekLM` with its latent KV cache. Notebook use:
+
+    engine = Engine.from_checkpoint("runs/demo")
+    print(engine.generate("Once upon a time", max_new_tokens=50).text)
+    for piece in engine.stream("The meaning of", temperature=0.7):
+        print(piece, end="", flush=True)
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        config = model.config
+        self.context_length: int = config.max_position_embeddings
+        # the model config's ids win (an imported model carries them); else the tokenizer's own
+        special = special_token_ids(tokenizer) if tokenizer is not None else {}
+        self.bos_token_id: int | None = config.bos_token_id
+        self.eos_token_id: int | None = _first_not_none(config.eos_token_id, special.get("eot"))
+        self.pad_token_id: int = _first_not_none(
+            config.pad_token_id, special.get("pad"), self.eos_token_id, 0
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Engine:
+        """A checkpoint directory, or a run directory (its best checkpoint, else the latest)."""
+        from deepseek_lm.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path, device=device)
+        return cls(ckpt.model, ckpt.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # text API -------------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt ids: BOS when the model uses one; an empty prompt starts a new document (EOS/BOS only)."""
+        ids = self._require_tokenizer().encode(text, add_special_tokens=False).ids
+        if self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        if not ids and self.eos_token_id is not None:
+            ids = [self.eos_token_id]  # the document separator: what precedes every document in training
+        if not ids:
+            raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+        return ids
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.8,
+        top_k: int | None = 200,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: StreamCallback | None = None,
+    ) -> Completion | list[Completion]:
+        """Complete one prompt (→ a `Completion`) or a batch (→ a list, decoded together).
+
+        `stream(index, piece)` is called with each piece of text as soon as it is final.
+        """
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else list(prompts)
+        sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
+        run = self._run(
+            [self.encode(t) for t in texts], max_new_tokens, sampling, seed, stop, stream is not None
+        )
+        results = _drain(run, stream)
+        return results[0] if single else results
+
+    def stream(self, prompt: str, max_new_tokens: int = 128, **kwargs: Any) -> Iterator[str]:
+        """Text pieces of one completion as they are produced (same keyword arguments as `generate`)."""
+        sampling = SamplingConfig(
+            kwargs.pop("temperature", 0.8),
+            kwargs.pop("top_k", 200),
+            kwargs.pop("top_p", 1.0),
+            kwargs.pop("repetition_penalty", 1.0),
+        )
+        seed, stop = kwargs.pop("seed", None), kwargs.pop("stop", None)
+        if kwargs:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(kwargs)}")
+        run = self._run([self.encode(prompt)], max_new_tokens, sampling, seed, stop, True)
+        for _, piece in run:
+            yield piece
+
+    # token API ------------------------------------------------------------------------------------------
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_new_tokens: int = 128,
+        *,
+        sampling: SamplingConfig | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: StreamCallback | None = None,
+        output_logits: bool = False,
+    ) -> list[Completion]:
+        """Complete a batch of token-id prompts; `output_logits` keeps each step's next-token logits."""
+        sampling = sampling if sampling is not None else SamplingConfig()
+        rows = [list(p) for p in prompt_ids]
+        run = self._run(rows, max_new_tokens, sampling, seed, stop, stream is not None, output_logits)
+        return _drain(run, stream)
+
+    # the loop -------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(
+        self,
+        rows: list[list[int]],
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+        want_stream: bool,
+        output_logits: bool = False,
+    ) -> Iterator[tuple[int, str]]:
+        """Yield (row, text piece) while decoding; return the completions (as StopIteration's value)."""
+        if max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not rows or any(len(r) == 0 for r in rows):
+            raise UserError("every prompt needs at least one token")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        rows = [self._fit_to_context(r, max_new_tokens, i) for i, r in enumerate(rows)]
+        state = _DecodeState(self, rows, max_new_tokens, sampling, seed, output_logits)
+        streams = None
+        if want_stream or stops:
+            tokenizer = self._require_tokenizer()
+            streams = [TextStream(tokenizer, stops, r) for r in rows]
+        sync_every = 1 if streams is not None or self.device.type == "cpu" else _SYNC_EVERY
+        for t in range(state.steps):
+            state.step(t, last=t == state.steps - 1)
+            if streams is not None:
+                yield from _push_text(state, streams, t)
+            if (t + 1) % sync_every == 0 and bool(state.done.all()):
+                break
+        if streams is not None:
+            yield from ((b, piece) for b, s in enumerate(streams) if (piece := s.finish()))
+        return state.completions(streams)
+
+    def _fit_to_context(self, ids: list[int], max_new_tokens: int, index: int) -> list[int]:
+        ctx = self.context_length
+        keep = max(ctx - max_new_tokens, ctx // 2)
+        if len(ids) <= keep:
+            return ids
+        warnings.warn(
+            f"prompt {index} has {len(ids)} tokens; keeping its last {keep} so that new tokens fit the "
+            f"{ctx}-token context (generation stops at the end of the context)",
+            PromptTruncatedWarning,
+            stacklevel=2,
+        )
+        return ids[-keep:]
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise UserError(
+                "this model has no tokenizer (no tokenizer.json in the checkpoint): pass token ids"
+            )
+        return self.tokenizer
+
+
+class _DecodeState:
+    """The buffers of one `generate` call: cache, positions, generated ids, finished rows, RNG."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        rows: list[list[int]],
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        seed: int | None,
+        output_logits: bool,
+    ) -> None:
+        model, device = engine.model, engine.device
+        self.model, self.tokenizer, self.sampling = model, engine.tokenizer, sampling
+        self.eos, self.pad, self.max_new_tokens = engine.eos_token_id, engine.pad_token_id, max_new_tokens
+        self.lengths = [len(r) for r in rows]
+        batch, longest, ctx = len(rows), max(self.lengths), engine.context_length
+        # per row: new tokens before max_new_tokens or the end of the context, whichever comes first
+        self.budget = [min(max_new_tokens, ctx - n) for n in self.lengths]
+        self.steps = max(self.budget)
+        self.cache = model.new_cache(batch, min(longest + max_new_tokens, ctx), device=device)
+        self.generator = make_generator(seed, device)
+        self.out = torch.full((batch, max(self.steps, 1)), self.pad, dtype=torch.long, device=device)
+        self.done = torch.tensor([n <= 0 for n in self.budget], device=device)
+        self.budget_t = torch.tensor(self.budget, device=device)
+        self.ended: set[int] = set()  # rows whose text is complete (EOS or a stop string), host side
+        self.stopped_at: dict[int, int] = {}  # row -> step of the token that completed a stop string
+        self.logits_log: list[torch.Tensor] | None = [] if output_logits else None
+        prompt = torch.full((batch, longest), self.pad, dtype=torch.long, device=device)
+        for b, r in enumerate(rows):
+            prompt[b, : len(r)] = torch.tensor(r, device=device)
+        self.seen = None  # (B, V) bool: tokens in each row so far, for the repetition penalty
+        if sampling.repetition_penalty != 1.0:
+            self.seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+            for b, n in enumerate(self.lengths):
+                self.seen[b, prompt[b, :n]] = True
+        self.logits, self.pos = self._prefill(prompt)
+
+    def _prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """Fill the cache with the prompts; return next-token logits (B, V) and the next positions."""
+        longest = prompt.size(1)
+        if all(n == longest for n in self.lengths):
+            out = self.model(prompt, cache=self.cache, start_pos=0, last_logits_only=True)
+            return out.logits[:, -1], longest
+        # ragged: all but the last column in one pass, then each row's last token at its own position
+        if longest > 1:
+            self.model(prompt[:, :-1], cache=self.cache, start_pos=0, last_logits_only=True)
+        last_pos = torch.tensor(self.lengths, device=prompt.device) - 1  # (B,)
+        last_tok = prompt.gather(1, last_pos[:, None])  # (B, 1)
+        out = self.model(last_tok, cache=self.cache, start_pos=last_pos, last_logits_only=True)
+        return out.logits[:, -1], last_pos + 1
+
+    def step(self, t: int, last: bool) -> None:
+        """Pick token t of every row from the current logits, then (unless `last`) run it through the model."""
+        logits = self.logits.float()
+        if self.logits_log is not None:
+            self.logits_log.append(logits.clone())
+        nxt = sample(logits, self.sampling, self.generator, self.seen)  # (B,)
+        nxt.masked_fill_(self.done, self.pad)
+        self.out[:, t] = nxt
+        if self.eos is not None:
+            self.done |= nxt == self.eos
+        self.done |= self.budget_t <= t + 1
+        if self.seen is not None:
+            self.seen.scatter_(1, nxt[:, None], True)
+        if last:
+            return
+        out = self.model(nxt[:, None], cache=self.cache, start_pos=self.pos, last_logits_only=True)
+        self.logits = out.logits[:, -1]
+        # per-row positions: a finished row stays on its last slot, so it never outgrows the cache
+        self.pos = self.pos + 1 if isinstance(self.pos, int) else self.pos + (~self.done).long()
+
+    def completions(self, streams: list[TextStream] | None) -> list[Completion]:
+        logits = torch.stack(self.logits_log, dim=1) if self.logits_log else None  # (B, steps, V)
+        results = []
+        for b, ids in enumerate(self.out.tolist()):
+            ids, reason = self._finish_row(b, ids)
+            if streams is not None:
+                text = streams[b].text
+            else:
+                text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
+            n_logits = len(ids) + (reason == "eos")
+            row_logits = logits[b, :n_logits] if logits is not None else None
+            results.append(Completion(text, ids, reason, self.lengths[b], row_logits))
+        return results
+
+    def _finish_row(self, b: int, ids: list[int]) -> tuple[list[int], str]:
+        ids = ids[: self.budget[b]]
+        if b in self.stopped_at:  # cut first: the pad after it may be the EOS id
+            return ids[: self.stopped_at[b] + 1], "stop"
+        if self.eos is not None and self.eos in ids:
+            return ids[: ids.index(self.eos)], "eos"
+        return ids, "length" if self.budget[b] == self.max_new_tokens else "context"
+
+
+def _push_text(state: _DecodeState, streams: list[TextStream], t: int) -> Iterator[tuple[int, str]]:
+    """Feed step t's tokens to the rows' text streams; a row that hits a stop string is finished."""
+    for b, token in enumerate(state.out[:, t].tolist()):
+        if b in state.ended or t >= state.budget[b]:
+            continue
+        if token == state.eos:
+            state.ended.add(b)
+            continue
+        piece = streams[b].push(token)
+        if streams[b].stopped:
+            state.ended.add(b)
+            state.stopped_at[b] = t
+            state.done[b] = True
+        if piece:
+            yield b, piece
+
+
+def _drain(run: Iterator[tuple[int, str]], callback: StreamCallback | None) -> list[Completion]:
+    while True:
+        try:
+            index, piece = next(run)
+        except StopIteration as finished:
+            return finished.value
+        if callback is not None:
+            callback(index, piece)
+
+
+def _first_not_none(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
