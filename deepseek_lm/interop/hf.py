@@ -30,7 +30,12 @@ from deepseek_lm.checkpoint import (
 )
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.interop.hf_config import HF_MODEL_TYPES, InteropError, from_hf_config, to_hf_config
-from deepseek_lm.interop.hf_weights import expected_hf_shapes, from_hf_state_dict, to_hf_state_dict
+from deepseek_lm.interop.hf_weights import (
+    expected_hf_shapes,
+    from_hf_state_dict,
+    normalize_hf_state,
+    to_hf_state_dict,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -131,7 +136,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> InteropReport:
     raw = _read_hf_config(hf_dir)
     source = str(hf_dir / CONFIG_FILE)
     config = from_hf_config(raw, source)
-    hf_state = read_hf_weights(hf_dir)
+    hf_state = normalize_hf_state(read_hf_weights(hf_dir), config)
     _check_tensors(hf_state, expected_hf_shapes(config, raw["model_type"]), str(hf_dir))
     state = from_hf_state_dict(hf_state, config, str(hf_dir))
     model = _build_model(config)

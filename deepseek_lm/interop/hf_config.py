@@ -9,9 +9,11 @@ Which transformers class represents a model exactly (read from transformers 5.x 
   with norm_topk_prob=False and an all-zero balancing bias (checked on the weights, see hf_weights.py).
 Everything else is refused with a message naming the setting.
 
-Training-only settings need no transformers field: `capacity_factor` (evaluation never drops tokens),
-`bias_update_speed` (the bias itself is a weight). `aux_loss_alpha` / `seq_aux` are written under DeepSeek's
-own config names, as `scoring_func` / `topk_method` are: vLLM and llama.cpp read those, transformers ignores them.
+Training-only settings need no transformers field and change no output: `capacity_factor` (evaluation never
+drops tokens), `bias_update_speed` (the bias itself is a weight), `aux_loss_alpha`, `seq_aux`. They are still
+written, as extra keys transformers keeps but ignores (`aux_loss_alpha`, `seq_aux` are DeepSeek's own names),
+so that import gives back the config that was exported. `scoring_func` / `topk_method` are written under
+DeepSeek's names too: vLLM and llama.cpp read those.
 """
 
 from __future__ import annotations
@@ -59,11 +61,33 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
         v_head_dim=128, num_experts_per_tok=None, moe_intermediate_size=1407,
     ),
 }  # fmt: skip
+# Training-only fields, carried as extra config.json keys (see the module docstring).
+TRAINING_FIELDS = ["aux_loss_alpha", "seq_aux", "bias_update_speed", "capacity_factor"]
 ROPE_THETA_DEFAULT = 10000.0
+# The YaRN parameters our rope computes exactly as transformers does (always with a truncated correction
+# range, transformers' default `truncate=True`; an explicit `attention_factor` is not ours).
 YARN_KEYS = {
-    "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-    "attention_factor", "truncate",
-}  # fmt: skip
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+}
+
+
+def _yarn_params(params: dict[str, Any], what: str) -> dict[str, Any]:
+    """The YaRN keys of a rope dict (its type already removed); an InteropError for anything else."""
+    params = dict(params)
+    if params.get("truncate", True) is True:
+        params.pop("truncate", None)
+    unknown = sorted(set(params) - YARN_KEYS)
+    if unknown:
+        raise InteropError(
+            f"{what}: YaRN setting(s) {', '.join(f'{k}={params[k]!r}' for k in unknown)} not supported "
+            f"(supported: {', '.join(sorted(YARN_KEYS))})"
+        )
+    return params
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,12 +122,11 @@ def _rope_parameters(config: DeepSeekConfig) -> dict[str, Any]:
         return {"rope_type": "default", "rope_theta": config.rope_theta}
     yarn = dict(config.rope_scaling)
     kind = yarn.pop("rope_type", yarn.pop("type", "yarn"))
-    unknown = sorted(set(yarn) - YARN_KEYS)
-    if kind != "yarn" or unknown:
-        what = f"rope type {kind!r}" if kind != "yarn" else f"key(s) {', '.join(unknown)}"
-        raise InteropError(
-            f"rope_scaling {what} is not exportable: only YaRN ({', '.join(sorted(YARN_KEYS))})"
-        )
+    if kind != "yarn":
+        raise InteropError(f"rope_scaling type {kind!r} is not exportable: only YaRN")
+    yarn = _yarn_params(yarn, "rope_scaling")
+    # transformers requires it; our rope defaults it to the context length
+    yarn.setdefault("original_max_position_embeddings", config.max_position_embeddings)
     return {"rope_type": "yarn", "rope_theta": config.rope_theta, **yarn}
 
 
@@ -128,8 +151,7 @@ def to_hf_config(config: DeepSeekConfig, dtype: str = "float32") -> dict[str, An
         "dtype": dtype,
         "torch_dtype": dtype,  # the name transformers < 4.56 reads
         "scoring_func": config.scoring_func,
-        "aux_loss_alpha": config.aux_loss_alpha,
-        "seq_aux": config.seq_aux,
+        **{name: getattr(config, name) for name in TRAINING_FIELDS},
     }
     if model_type == "deepseek_v3":
         hf |= {
@@ -178,11 +200,9 @@ def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, dict[str, Any
     kind = params.pop("rope_type", params.pop("type", "default"))
     if kind == "default":
         return theta, None
-    unknown = sorted(set(params) - YARN_KEYS)
-    if kind != "yarn" or unknown:
-        what = f"rope type {kind!r}" if kind != "yarn" else f"YaRN key(s) {', '.join(unknown)}"
-        raise InteropError(f"{source}: {what} is not supported (only default RoPE and YaRN)")
-    return theta, params
+    if kind != "yarn":
+        raise InteropError(f"{source}: rope type {kind!r} is not supported (only default RoPE and YaRN)")
+    return theta, _yarn_params(params, source)
 
 
 def _routing_from_hf(hf: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
@@ -203,7 +223,7 @@ def _routing_from_hf(hf: dict[str, Any], model_type: str, source: str) -> dict[s
         n_group=hf["n_group"] if grouped else 1,
         topk_group=hf["topk_group"] if grouped else 1,
         norm_topk_prob=False,  # DeepseekV2 ignores norm_topk_prob: it never renormalises
-        bias_update_speed=0.0,  # V2 has no balancing bias; keep it zero so the model stays exportable
+        bias_update_speed=0.0,  # V2 has no balancing bias: keep it zero (unless the file says otherwise)
     )
 
 
@@ -232,9 +252,7 @@ def from_hf_config(raw: dict[str, Any], source: str = "config.json") -> DeepSeek
         eos_token_id=_first_id(hf["eos_token_id"]),
         **_routing_from_hf(hf, model_type, source),
     )
-    for name in ("aux_loss_alpha", "seq_aux"):  # DeepSeek's own training knobs, when the file has them
-        if hf.get(name) is not None:
-            fields[name] = hf[name]
+    fields |= {name: hf[name] for name in TRAINING_FIELDS if name in hf}
     try:
         return DeepSeekConfig(**fields)
     except ConfigError as e:

@@ -19,22 +19,15 @@ import torch
 
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.interop.hf_config import InteropError
+from deepseek_lm.model.hf_names import HEAD, from_hf_name, to_hf_name
 
-HEAD = "lm_head.weight"
 FUSED_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 PER_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 BIAS_RE = re.compile(r"^layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$")
-LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+HF_FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 # Kept in fp32 whatever the export dtype: transformers keeps these two in fp32 too (routing is fp32 maths).
 FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
-
-
-def _hf_name(name: str) -> str:
-    return name if name == HEAD else f"model.{name}"
-
-
-def _our_name(name: str) -> str:
-    return name.removeprefix("model.") if name != HEAD else name
 
 
 def to_hf_state_dict(
@@ -52,8 +45,19 @@ def to_hf_state_dict(
         if fused:
             out |= _split_experts(int(fused.group(1)), fused.group(2), tensor)
         else:
-            out[_hf_name(name)] = tensor
+            out[to_hf_name(name)] = tensor
+    if config.n_shared_experts == 0:  # we build no shared MLP; transformers builds one of width 0
+        out |= _empty_shared_experts(config)
     return {k: _cast(k, v, dtype) for k, v in out.items()}
+
+
+def _empty_shared_experts(config: DeepSeekConfig) -> dict[str, torch.Tensor]:
+    H, out = config.hidden_size, {}
+    for layer in range(config.first_k_dense_replace, config.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp.shared_experts"
+        out |= {f"{p}.gate_proj.weight": torch.empty(0, H), f"{p}.up_proj.weight": torch.empty(0, H)}
+        out[f"{p}.down_proj.weight"] = torch.empty(H, 0)
+    return out
 
 
 def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -88,37 +92,48 @@ def _split_experts(layer: int, kind: str, fused: torch.Tensor) -> dict[str, torc
 # import
 
 
+def normalize_hf_state(
+    hf_state: Mapping[str, torch.Tensor], config: DeepSeekConfig
+) -> dict[str, torch.Tensor]:
+    """transformers' tensors in the on-disk layout `expected_hf_shapes` describes: fused 3-D experts (as
+    transformers 5 holds them in memory) split per expert; dropped, as transformers drops them on load:
+    multi-token-prediction layers (index ≥ num_hidden_layers, as in DeepSeek-V3's own checkpoint), old
+    `rotary_emb.inv_freq` buffers, and a tied model's redundant lm_head."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in hf_state.items():
+        layer = HF_LAYER_RE.match(name)
+        if "rotary_emb." in name or (layer and int(layer.group(1)) >= config.num_hidden_layers):
+            continue
+        if name == HEAD and config.tie_word_embeddings:
+            continue
+        fused = HF_FUSED_RE.match(name)
+        if fused and tensor.dim() == 3:
+            out |= _split_experts(int(fused.group(1)), fused.group(2), tensor)
+        else:
+            out[name] = tensor
+    return out
+
+
 def from_hf_state_dict(
     hf_state: Mapping[str, torch.Tensor], config: DeepSeekConfig, source: str
 ) -> dict[str, torch.Tensor]:
-    """transformers' tensors under our names: experts fused, a zero bias where V2 has none.
-
-    Multi-token-prediction layers (index ≥ num_hidden_layers, as in DeepSeek-V3's own checkpoint) and old
-    `rotary_emb.inv_freq` buffers are dropped, as transformers drops them. Names and shapes are then checked
-    against the model by the caller.
-    """
+    """transformers' tensors under our names: experts fused, a zero bias where V2 has none, no width-0 shared
+    experts. Names and shapes are checked by the caller (`expected_hf_shapes`, then the model's own)."""
     state: dict[str, torch.Tensor] = {}
     per_expert: dict[tuple[int, str, int], torch.Tensor] = {}
-    for hf_name, tensor in hf_state.items():
-        name = _our_name(hf_name)
-        layer = LAYER_RE.match(name)
-        if name.endswith("rotary_emb.inv_freq") or (
-            layer and int(layer.group(1)) >= config.num_hidden_layers
-        ):
-            continue
+    for hf_name, tensor in normalize_hf_state(hf_state, config).items():
+        name = from_hf_name(hf_name)
         match = PER_EXPERT_RE.match(name)
         if match:
             per_expert[(int(match.group(1)), match.group(3), int(match.group(2)))] = tensor
-        else:
-            state[name] = tensor
+        elif not (config.n_shared_experts == 0 and ".mlp.shared_experts." in name):
+            state[name] = tensor  # (width-0 shared experts: we build no shared MLP)
     state |= _fuse_experts(per_expert, config, source)
     if config.scoring_func == "softmax":  # a DeepseekV2 checkpoint: no bias; zero changes no routing decision
         for layer in range(config.first_k_dense_replace, config.num_hidden_layers):
             state.setdefault(
                 f"layers.{layer}.mlp.gate.e_score_correction_bias", torch.zeros(config.n_routed_experts)
             )
-    if config.tie_word_embeddings:
-        state.pop(HEAD, None)  # tied: the embedding is the head
     return state
 
 
