@@ -124,6 +124,7 @@ def test_sigmoid_config_exports_as_deepseek_v3(overrides, tmp_path):
     assert loaded.q_lora_rank == (cfg.q_lora_rank or None)
     assert loaded.num_key_value_heads == cfg.num_attention_heads
     assert loaded.rope_interleave is True
+    assert loaded.rope_parameters == hf["rope_parameters"]  # the 4.x names written beside it agree
     assert loaded.rope_parameters["rope_theta"] == cfg.rope_theta
     assert loaded.rope_parameters["rope_type"] == ("yarn" if cfg.rope_scaling else "default")
     assert loaded.num_mtp_layers == 0

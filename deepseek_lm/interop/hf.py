@@ -23,9 +23,9 @@ import torch
 from deepseek_lm.checkpoint import (
     CONFIG_FILE,
     FORMAT,
-    check_state_matches,
     is_checkpoint_dir,
     load_checkpoint,
+    load_model_weights,
     save_model_dir,
 )
 from deepseek_lm.config import DeepSeekConfig
@@ -134,17 +134,15 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> InteropReport:
     """Read a transformers DeepseekV3/V2 directory (ours or `save_pretrained`'s) into a checkpoint at `out`."""
     hf_dir, out = Path(hf_dir), Path(out)
     raw = _read_hf_config(hf_dir)
-    source = str(hf_dir / CONFIG_FILE)
-    config = from_hf_config(raw, source)
+    _refuse_overwrite(out, hf_dir, looks_ours=is_checkpoint_dir)
+    config = from_hf_config(raw, str(hf_dir / CONFIG_FILE))
     hf_state = normalize_hf_state(read_hf_weights(hf_dir), config)
     _check_tensors(hf_state, expected_hf_shapes(config, raw["model_type"]), str(hf_dir))
-    state = from_hf_state_dict(hf_state, config, str(hf_dir))
     model = _build_model(config)
-    check_state_matches(state, model, config, hf_dir)
-    model.load_state_dict(state, strict=not config.tie_word_embeddings)
+    # our own names and shapes, checked once more by the checkpoint code (one line naming the tensor)
+    load_model_weights(model, from_hf_state_dict(hf_state, config, str(hf_dir)), config, hf_dir)
     tokenizer, notes = _read_tokenizer(hf_dir)
-    _refuse_overwrite(out, hf_dir, looks_ours=is_checkpoint_dir)
-    save_model_dir(out, model, tokenizer)
+    save_model_dir(out, model.eval(), tokenizer)
     return InteropReport(out, raw["model_type"], notes)
 
 

@@ -136,7 +136,7 @@ def to_hf_config(config: DeepSeekConfig, dtype: str = "float32") -> dict[str, An
     Every key is written, special token ids included even when None: a missing key would fall back to the
     transformers class default (bos 0, eos 1 for V3), which is wrong for our tokenizers.
     """
-    model_type = hf_model_type(config)
+    model_type, rope = hf_model_type(config), _rope_parameters(config)
     hf: dict[str, Any] = {
         "architectures": [HF_MODEL_TYPES[model_type]],
         "model_type": model_type,
@@ -146,7 +146,12 @@ def to_hf_config(config: DeepSeekConfig, dtype: str = "float32") -> dict[str, An
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "rope_parameters": _rope_parameters(config),
+        "rope_parameters": rope,
+        # the same under transformers 4.x's names (4.x, and tools that read config.json themselves)
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None
+        if rope["rope_type"] == "default"
+        else {k: v for k, v in rope.items() if k != "rope_theta"},
         "use_cache": True,
         "dtype": dtype,
         "torch_dtype": dtype,  # the name transformers < 4.56 reads
