@@ -8,8 +8,8 @@ ours by name and compares logits in fp32 at atol 1e-5.
 import pytest
 import torch
 
-from deepseek_lm.config import DeepSeekConfig
-from deepseek_lm.model import get_model
+from deepseek_lm.config import PRESETS, DeepSeekConfig
+from deepseek_lm.model import DeepSeekLM, get_model
 from deepseek_lm.model.hf_names import config_from_hf, from_hf_state_dict, hf_config_dict, to_hf_state_dict
 
 transformers = pytest.importorskip(
@@ -112,10 +112,13 @@ def test_parity_deepseek_v2_softmax(topk_method, groups):
     _compare(model, config)
 
 
-def test_parameter_count_matches_transformers_at_seed_size():
-    config = DeepSeekConfig()
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_parameter_counts_match_transformers(preset):
+    """The seed architecture is 15,840,000 parameters in both; the other presets agree too (meta device)."""
+    config = DeepSeekConfig.from_preset(preset)
     with torch.device("meta"):
         hf_model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**hf_config_dict(config)))
+        ours = DeepSeekLM(config)
     hf_total = sum(p.numel() for p in hf_model.parameters())
-    assert hf_total == 15_840_000
-    assert get_model(config).param_counts()["total"] == hf_total
+    assert ours.param_counts()["total"] == hf_total
+    assert preset != "seed" or hf_total == 15_840_000
