@@ -1,0 +1,569 @@
+"""`deepseek-lm bench`: training and decoding speed, MFU, peak memory and KV-cache size of a preset, optionally
+side by side with transformers' `DeepseekV3ForCausalLM` of the same configuration and the same weights.
+
+    deepseek-lm bench                                        the seed preset, ours only
+    deepseek-lm bench --compare-hf --json benchmarks/seed-cpu.json
+    deepseek-lm bench --preset 100m --compile --batch-size 16 --seq-len 1024    (on a GPU)
+
+How each figure is measured (SPEC §8; the history of results is in benchmarks/README.md):
+- training: one micro-batch step as the trainer runs it (forward with CE + aux loss, backward, gradient
+  clipping, fused AdamW, zero_grad, router-bias update), timed per phase. Every (implementation, round) runs
+  in a fresh spawned process, so its peak memory is its own: on CPU the RSS high-water mark (reset once the
+  libraries are imported) above the RSS at that moment, on CUDA `torch.cuda.max_memory_allocated`. Rounds
+  alternate ours, hf, ours, hf, ... and each figure is the median over rounds of the median over steps.
+- MFU: `flops_per_token(seq_len)` × tokens/s over the matmul peak the bench measures at start.
+- decode: greedy generation through each library's own API (our `Engine`, transformers' `generate`).
+  t(1) is the prefill plus the first token; decode tokens/s = B·(n − 1) / (t(n) − t(1)), so the prefill is
+  reported apart. Ours and transformers alternate per figure and round.
+- KV cache: bytes per token over all layers; ours from `LatentCache`, transformers' from the tensors its
+  `DynamicCache` holds after a prefill.
+Ratios are ours / transformers: above 1 is better for speeds, below 1 for memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.errors import UserError
+
+GRAD_CLIP = 1.0  # transformers' Trainer default; only its cost matters here
+FIGURES = (  # (key, label, format, better): the table's rows and the JSON keys of each implementation
+    ("train_tokens_per_s", "train tokens/s", "{:,.0f}", "higher"),
+    ("train_forward_ms", "  forward ms/step", "{:.1f}", "lower"),
+    ("train_backward_ms", "  backward ms/step", "{:.1f}", "lower"),
+    ("train_optimizer_ms", "  optimizer ms/step", "{:.1f}", "lower"),
+    ("mfu", "train MFU", "{:.1%}", "higher"),
+    ("train_peak_mem_mb", "train peak memory MB", "{:,.0f}", "lower"),
+    ("train_peak_rss_mb", "  peak RSS of the process MB", "{:,.0f}", "lower"),
+    ("decode_tokens_per_s_b1", "decode tokens/s, b1, prompt {prompt}", "{:,.0f}", "higher"),
+    ("decode_tokens_per_s_b8", "decode tokens/s, b8, prompt {prompt}", "{:,.0f}", "higher"),
+    ("decode_tokens_per_s_b1_ctx2k", "decode tokens/s, b1, context {ctx}", "{:,.0f}", "higher"),
+    ("prefill_ms_ctx2k", "  prefill {ctx_prompt} tokens ms", "{:,.1f}", "lower"),
+    ("kv_cache_bytes_per_token", "KV cache bytes/token (all layers)", "{:,.0f}", "lower"),
+)
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "seed"
+    compare_hf: bool = False  # also measure transformers' DeepseekV3ForCausalLM (needs transformers)
+    json: str | None = None  # write the results here
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile each block for training (both implementations)
+    batch_size: int = 4
+    seq_len: int = 256
+    steps: int = 6  # timed training steps per round
+    warmup: int = 2  # untimed training steps per round
+    rounds: int = 3  # alternations ours / transformers
+    prompt_len: int = 32
+    new_tokens: int = 128  # decoded after the short prompt
+    decode_batch: int = 8
+    ctx_len: int = 2048  # the long-context decode fills this much: prompt = ctx_len - ctx_new_tokens
+    ctx_new_tokens: int = 64
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="deepseek-lm bench", description=__doc__.split("\n\n")[0], exit_on_error=False
+    )
+    d = BenchConfig()
+    parser.add_argument("--preset", type=str, default=d.preset, help="model preset (tiny, seed, 100m, 1b)")
+    parser.add_argument("--compare-hf", action="store_true", help="side by side with transformers")
+    parser.add_argument("--json", type=str | None, default=None, help="write the results as JSON here")
+    parser.add_argument("--device", type=str, default=d.device, help="auto, cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks for training")
+    for name in ["batch_size", "seq_len", "steps", "warmup", "rounds", "prompt_len", "new_tokens",
+                 "decode_batch", "ctx_len", "ctx_new_tokens", "seed"]:  # fmt: skip
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    return parser
+
+
+def parse(argv: list[str]) -> BenchConfig:
+    import argparse
+
+    try:
+        ns = build_parser().parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise UserError(f"{str(e).splitlines()[0]}; see `deepseek-lm bench --help`") from None
+    cfg = BenchConfig(**{k: ns[k] for k in asdict(BenchConfig())})
+    for name in ["batch_size", "seq_len", "steps", "rounds", "prompt_len", "new_tokens", "decode_batch"]:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(cfg, name)})")
+    DeepSeekConfig.from_preset(cfg.preset)  # an unknown preset is a ConfigError (a UserError)
+    if cfg.ctx_new_tokens < 2 or cfg.new_tokens < 2:
+        raise UserError("--new-tokens and --ctx-new-tokens must be >= 2 (decode speed needs two lengths)")
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = parse(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    result = run_bench(cfg)
+    print(format_table(result))
+    if cfg.json:
+        path = Path(cfg.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"results written to {path}")
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Measure every figure of `cfg`; -> {"ours", "hf" (None without compare_hf), "ratio", "machine", "settings"}."""
+    device = _device(cfg.device)
+    config = DeepSeekConfig.from_preset(cfg.preset)
+    if cfg.compare_hf:
+        _require_transformers()
+    impls = ["ours", "hf"] if cfg.compare_hf else ["ours"]
+    machine = machine_info(device)
+    peak = matmul_peak(device)
+    log(f"matmul peak {peak / 1e9:,.0f} GFLOP/s ({_train_dtype(device)}); load {machine['load_avg_1m']:.1f}")
+    from deepseek_lm.model import get_model
+
+    torch.manual_seed(cfg.seed)
+    state = get_model(config).state_dict()
+    with tempfile.TemporaryDirectory(prefix="deepseek-lm-bench-") as tmp:
+        weights = Path(tmp) / "weights.pt"
+        torch.save(state, weights)
+        train = measure_training(cfg, config, weights, device, impls, log)
+    decode = measure_decoding(cfg, config, state, device, impls, log)
+    flops = get_model_flops(config, cfg.seq_len)
+    results = {impl: {**train[impl], **decode[impl]} for impl in impls}
+    for r in results.values():
+        r["mfu"] = r["train_tokens_per_s"] * flops / peak
+    machine["load_avg_1m_end"] = os.getloadavg()[0]
+    ours, hf = results["ours"], results.get("hf")
+    ratio = {k: ours[k] / hf[k] for k in ours if hf and hf.get(k)} if hf else None
+    settings = {
+        **asdict(cfg),
+        "matmul_peak_flops": peak,
+        "flops_per_token": flops,
+        "dtype": _train_dtype(device),
+    }
+    settings["model"] = config.to_dict()
+    if hf:
+        settings["hf_implementation"] = hf.pop("implementation")
+    return {"ours": ours, "hf": hf, "ratio": ratio, "machine": machine, "settings": settings}
+
+
+def get_model_flops(config: DeepSeekConfig, seq_len: int) -> int:
+    from deepseek_lm.model import DeepSeekLM
+
+    with torch.device("meta"):
+        return DeepSeekLM(config).flops_per_token(seq_len)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
+def _train_dtype(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("--compare-hf needs transformers: pip install transformers") from None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, repeats: int = 8) -> float:
+    """FLOP/s of the best of a few large square matmuls: fp32 on CPU, bf16 on CUDA (what training uses)."""
+    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(repeats + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        if i >= 2:  # the first calls pay for page faults and kernel selection
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "load_avg_1m": os.getloadavg()[0],
+        **_git_commit(),
+    }
+    if "transformers" in sys.modules:
+        info["transformers"] = sys.modules["transformers"].__version__
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else platform.machine()
+
+
+def _git_commit() -> dict[str, Any]:
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training: one fresh process per (implementation, round)
+
+
+def measure_training(
+    cfg, config, weights: Path, device, impls: list[str], log
+) -> dict[str, dict[str, float]]:
+    import multiprocessing
+
+    rounds: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for r in range(cfg.rounds):
+        for impl in impls:
+            job = dict(impl=impl, config=config.to_dict(), weights=str(weights), device=str(device),
+                       compile=cfg.compile, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                       steps=cfg.steps, warmup=cfg.warmup, seed=cfg.seed)  # fmt: skip
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                res = pool.submit(_train_worker, job).result()
+            rounds[impl].append(res)
+            tok_s = cfg.batch_size * cfg.seq_len / statistics.median(map(sum, res["times"]))
+            log(f"train {impl:<4} round {r + 1}/{cfg.rounds}: {tok_s:,.0f} tokens/s, "
+                f"peak {res['peak_mb']:,.0f} MB above {res['base_mb']:,.0f} MB")  # fmt: skip
+    return {impl: _train_summary(rs, cfg.batch_size * cfg.seq_len) for impl, rs in rounds.items()}
+
+
+def _train_summary(rounds: list[dict], tokens: int) -> dict[str, float]:
+    """Median over rounds of each round's median step (and of its phases)."""
+    step = statistics.median(statistics.median(map(sum, r["times"])) for r in rounds)
+    phase = [statistics.median(statistics.median(t[i] for t in r["times"]) for r in rounds) for i in range(3)]
+    out = {
+        "train_tokens_per_s": tokens / step,
+        "train_forward_ms": phase[0] * 1e3,
+        "train_backward_ms": phase[1] * 1e3,
+        "train_optimizer_ms": phase[2] * 1e3,
+        "train_peak_mem_mb": statistics.median(r["peak_mb"] for r in rounds),
+        "train_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rounds),
+    }
+    if "implementation" in rounds[0]:
+        out["implementation"] = rounds[0]["implementation"]
+    return out
+
+
+def _train_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: build the model and optimizer, run warmup + timed steps, report times and memory."""
+    device = torch.device(job["device"])
+    config = DeepSeekConfig.from_dict(job["config"])
+    if job["impl"] == "hf":
+        import transformers  # noqa: F401  imported before the baseline: a library is not training memory
+    import deepseek_lm.model  # noqa: F401  (likewise)
+
+    base_mb = _reset_peak_memory(device)
+    state = torch.load(job["weights"], weights_only=True)
+    model, optimizer = _build_training(job["impl"], config, state, device, job["compile"])
+    del state
+    g = torch.Generator().manual_seed(job["seed"])
+    ids = torch.randint(0, config.vocab_size, (job["batch_size"], job["seq_len"] + 1), generator=g).to(device)
+    x, y = ids[:, :-1], ids[:, 1:]
+    for _ in range(job["warmup"]):
+        _train_step(job["impl"], model, optimizer, x, y, device)
+    times = [_train_step(job["impl"], model, optimizer, x, y, device) for _ in range(job["steps"])]
+    peak_mb, peak_rss_mb = _peak_memory(device, base_mb)
+    out = {"times": times, "base_mb": base_mb, "peak_mb": peak_mb, "peak_rss_mb": peak_rss_mb}
+    if job["impl"] == "hf":
+        out["implementation"] = {"attn": model.config._attn_implementation,
+                                 "experts": getattr(model.config, "_experts_implementation", None)}  # fmt: skip
+    return out
+
+
+def _build_training(impl: str, config: DeepSeekConfig, state: dict, device: torch.device, compile: bool):
+    """-> (model in train mode, optimizer): ours with the trainer's optimizer; transformers with what its
+    `Trainer` uses by default on torch >= 2.8 (AdamW, fused=True), same hyperparameters."""
+    if impl == "ours":
+        from deepseek_lm.train.config import TrainConfig
+        from deepseek_lm.train.optim import build_optimizer
+
+        model = load_ours(config, state, device).train()
+        blocks = model.layers
+        optimizer = build_optimizer(model, TrainConfig(), device.type)
+    else:
+        model = load_hf(config, state, device).train()
+        blocks = model.model.layers
+        tc = _train_defaults()
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+            weight_decay=tc.weight_decay, fused=device.type in ("cpu", "cuda"),
+        )  # fmt: skip
+    if compile:
+        for block in blocks:
+            block.compile()
+    return model, optimizer
+
+
+def _train_defaults():
+    from deepseek_lm.train.config import TrainConfig
+
+    return TrainConfig()
+
+
+def _train_step(impl: str, model, optimizer, x, y, device) -> tuple[float, float, float]:
+    """One optimizer step on one micro-batch -> (forward, backward, optimizer) seconds."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t0 = time.perf_counter()
+    with autocast:
+        if impl == "ours":
+            out = model(x, targets=y)
+            loss = out.loss + out.aux_loss
+        else:  # transformers shifts the labels itself: same T predictions per row
+            loss = model(input_ids=x, labels=x).loss
+    _sync(device)
+    t1 = time.perf_counter()
+    loss.backward()
+    _sync(device)
+    t2 = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if impl == "ours":
+        model.update_router_biases([s.counts for s in out.router_stats])
+    _sync(device)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _reset_peak_memory(device: torch.device) -> float:
+    """Start counting the peak here; -> the baseline in MB (RSS on CPU, allocated bytes on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):  # Linux ≥ 4.0: "5" resets the RSS high-water mark to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    rss = _proc_status_kb("VmRSS")
+    if rss is None:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    return rss / 2**10
+
+
+def _peak_memory(device: torch.device, base_mb: float) -> tuple[float, float]:
+    """-> (peak above the baseline, peak of the process) in MB."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        return peak - base_mb, peak
+    hwm = _proc_status_kb("VmHWM")
+    if hwm is None:  # without /proc: ru_maxrss (kB on Linux, bytes on macOS), not reset after the imports
+        import resource
+
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10
+    else:
+        peak = hwm / 2**10
+    return peak - base_mb, peak
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decoding: both models in this process, alternating
+
+
+def load_ours(config: DeepSeekConfig, state: dict, device: torch.device, dtype: torch.dtype | None = None):
+    from deepseek_lm.model import get_model
+
+    model = get_model(config, device=device)
+    model.load_state_dict(state)
+    return model.to(dtype) if dtype is not None else model
+
+
+def load_hf(config: DeepSeekConfig, state: dict, device: torch.device, dtype: torch.dtype | None = None):
+    """transformers' DeepseekV3ForCausalLM with its default attention and experts implementations."""
+    import transformers
+
+    from deepseek_lm.model.hf_names import hf_config_dict, to_hf_state_dict
+
+    transformers.logging.set_verbosity_error()  # no deprecation chatter in the table
+    hf_config = transformers.DeepseekV3Config(**hf_config_dict(config))
+    with torch.device(device):
+        model = transformers.DeepseekV3ForCausalLM._from_config(hf_config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(to_hf_state_dict(state), strict=False)
+    if unexpected or [k for k in missing if "rotary_emb" not in k]:  # rope tables are not weights
+        raise RuntimeError(f"weights do not map onto transformers' model: {(missing + unexpected)[:3]}")
+    model.generation_config.eos_token_id = None  # decode exactly n tokens
+    return model.to(dtype) if dtype is not None else model
+
+
+def measure_decoding(cfg, config, state: dict, device, impls: list[str], log) -> dict[str, dict[str, Any]]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    runners = {impl: _decoder(impl, config, state, device, dtype) for impl in impls}
+    ctx = min(cfg.ctx_len, config.max_position_embeddings)
+    g = torch.Generator().manual_seed(cfg.seed)
+    figures = {  # name -> (prompt ids (B, T), new tokens)
+        "b1": (torch.randint(0, config.vocab_size, (1, cfg.prompt_len), generator=g), cfg.new_tokens),
+        "b8": (torch.randint(0, config.vocab_size, (cfg.decode_batch, cfg.prompt_len), generator=g), cfg.new_tokens),
+        "b1_ctx2k": (torch.randint(0, config.vocab_size, (1, ctx - cfg.ctx_new_tokens), generator=g), cfg.ctx_new_tokens),
+    }  # fmt: skip
+    for run in runners.values():  # warm up: first calls pay for allocations and kernel selection
+        run(figures["b1"][0].to(device), 2)
+    samples = {impl: {name: [] for name in figures} for impl in impls}
+    for r in range(cfg.rounds):
+        for name, (ids, n) in figures.items():
+            for impl in impls:
+                samples[impl][name].append(_decode_once(runners[impl], ids.to(device), n))
+        log(f"decode round {r + 1}/{cfg.rounds}: " + ", ".join(
+            f"{impl} {name} {samples[impl][name][-1][1]:,.0f} tok/s" for name in figures for impl in impls))  # fmt: skip
+    out = {}
+    for impl in impls:
+        s = samples[impl]
+        out[impl] = {
+            f"decode_tokens_per_s_{name}": statistics.median(v[1] for v in s[name]) for name in figures
+        }
+        out[impl]["prefill_ms_ctx2k"] = statistics.median(v[0] for v in s["b1_ctx2k"]) * 1e3
+        out[impl]["kv_cache_bytes_per_token"] = _kv_bytes(impl, runners[impl].model, device)
+    return out
+
+
+def _decode_once(run, ids: torch.Tensor, n: int) -> tuple[float, float]:
+    """-> (seconds of prefill + first token, decode tokens/s over the n - 1 tokens after it)."""
+    t1 = run(ids, 1)
+    tn = run(ids, n)
+    return t1, ids.shape[0] * (n - 1) / max(tn - t1, 1e-9)
+
+
+def _decoder(impl: str, config, state, device, dtype) -> Callable[[torch.Tensor, int], float]:
+    """A function (prompt ids (B, T), n) -> seconds to generate n tokens greedily; `.model` is the model."""
+    if impl == "ours":
+        from deepseek_lm.generate.engine import Engine
+        from deepseek_lm.generate.sampling import SamplingConfig
+
+        model = load_ours(config, state, device, dtype).eval()
+        engine, greedy = Engine(model), SamplingConfig(temperature=0.0)
+
+        def generate(ids: torch.Tensor) -> None:
+            engine.generate_ids(ids.tolist(), n_tokens[0], sampling=greedy)
+    else:
+        model = load_hf(config, state, device, dtype).eval()
+
+        @torch.inference_mode()
+        def generate(ids: torch.Tensor) -> None:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens[0],
+                           min_new_tokens=n_tokens[0], do_sample=False, pad_token_id=0)  # fmt: skip
+
+    n_tokens = [1]
+
+    def run(ids: torch.Tensor, n: int) -> float:
+        n_tokens[0] = n
+        _sync(device)
+        t0 = time.perf_counter()
+        generate(ids)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    run.model = model  # type: ignore[attr-defined]
+    return run
+
+
+@torch.inference_mode()
+def _kv_bytes(impl: str, model, device: torch.device, n: int = 16) -> int:
+    """Bytes per token over all layers: ours from the cache layout, transformers' from its filled cache."""
+    if impl == "ours":
+        return model.new_cache(1, n).bytes_per_token()
+    ids = torch.zeros(1, n, dtype=torch.long, device=device)
+    cache = model(ids, use_cache=True).past_key_values
+    held = [getattr(layer, a) for layer in cache.layers for a in ("keys", "values")]
+    return sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor)) // n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# output
+
+
+def format_table(result: dict[str, Any]) -> str:
+    s, m, ours, hf, ratio = (result[k] for k in ("settings", "machine", "ours", "hf", "ratio"))
+    model = DeepSeekConfig.from_dict(s["model"])
+    ctx_prompt = min(s["ctx_len"], model.max_position_embeddings) - s["ctx_new_tokens"]
+    names = dict(prompt=s["prompt_len"], ctx=ctx_prompt + s["ctx_new_tokens"], ctx_prompt=ctx_prompt)
+    lines = [
+        f"deepseek-lm bench: preset {s['preset']}, {s['dtype']}, train batch {s['batch_size']} × {s['seq_len']}",
+        f"machine: {m['cpu']} ({m['cores']} cores), device {m['device']}, torch {m['torch']}, "
+        f"commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, {m['date']}",
+        f"matmul peak {s['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s; load average {m['load_avg_1m']:.1f} → "
+        f"{m['load_avg_1m_end']:.1f}; {s['rounds']} rounds, medians",
+        "",
+    ]
+    header = f"{'':<38}{'ours':>12}" + (f"{'transformers':>14}{'ours/hf':>10}" if hf else "")
+    lines += [header, "-" * len(header)]
+    for key, label, fmt, _ in FIGURES:
+        row = f"{label.format(**names):<38}{fmt.format(ours[key]):>12}"
+        if hf:
+            row += f"{fmt.format(hf[key]):>14}" + (f"{ratio[key]:>9.2f}×" if key in ratio else f"{'':>10}")
+        lines.append(row)
+    values = model.kv_lora_rank + model.qk_rope_head_dim
+    lines.append(f"(KV cache: kv_lora_rank + qk_rope_head_dim = {values} values per token per layer)")
+    return "\n".join(lines)
