@@ -137,7 +137,7 @@ class MoE(nn.Module):
         y_AD = self.experts(x_TD[tok_A], kept_E) * w_TK.view(-1)[order_A, None].to(x_TD.dtype)
         # the routed outputs are added in place onto the shared experts' output: no (T, D) zeros + add
         out_TD = self.shared_experts(x_TD) if self.shared_experts is not None else torch.zeros_like(x_TD)
-        out_TD.index_add_(0, tok_A, y_AD)
+        out_TD.index_add_(0, tok_A, y_AD.to(out_TD.dtype))  # under autocast the two dtypes can differ
         aux = self._aux_loss(topk_ids_TK, probs_TE, B) if self.training else probs_TE.new_zeros(())
         stats = self._stats(counts_E, order_A.numel() / topk_ids_TK.numel(), probs_TE)
         return out_TD.view(B, S, D), aux, stats
