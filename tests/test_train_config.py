@@ -25,8 +25,8 @@ def test_every_preset_builds_valid_configs(name):
 
 
 def test_no_arguments_is_the_demo():
-    model, train, out, resume, preset = resolve([])
-    assert preset == "demo" and str(out) == "runs/demo" and not resume
+    model, train, out, resume, preset, stop_at = resolve([])
+    assert preset == "demo" and str(out) == "runs/demo" and not resume and stop_at is None
     assert model == DeepSeekConfig() and train.lr == TRAIN_PRESETS["demo"]["lr"]
 
 
@@ -35,7 +35,7 @@ def test_flags_win_over_the_preset_in_any_order():
         ["--preset", "tiny", "--train.lr", "0.5", "--max-steps", "7"],
         ["--train.lr", "0.5", "--max-steps", "7", "--preset", "tiny"],
     ):
-        model, train, out, _, _ = resolve(argv)
+        model, train, out, *_ = resolve(argv)
         assert model.hidden_size == DeepSeekConfig.from_preset("tiny").hidden_size
         assert (train.lr, train.max_steps) == (0.5, 7)
         assert str(out) == "runs/tiny"

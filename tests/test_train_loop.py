@@ -21,12 +21,6 @@ def data_dir(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("data"))
 
 
-def stop_after(monkeypatch, step: int) -> None:
-    """Ask the loop to stop once `step` is done, as SIGINT during that step would."""
-    original = loop.train_step
-    monkeypatch.setattr(loop, "train_step", lambda t, stop: original(t, stop or t.state.step == step - 1))
-
-
 def train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
 
@@ -103,14 +97,12 @@ def test_mismatched_checkpoint_names_the_file(full_run, tmp_path):
 # resume
 
 
-def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
+def test_resume_is_exact(data_dir, tmp_path):
     model_config, cfg = tiny_configs(data_dir, max_steps=8, eval_every=0, save_every=0, sample_every=0)
     straight = train(model_config, cfg, tmp_path / "straight")
 
-    with monkeypatch.context() as m:
-        stop_after(m, 4)
-        first = train(model_config, cfg, tmp_path / "resumed")
-    assert (first.reason, first.step) == ("signal", 4)
+    first = train(model_config, cfg, tmp_path / "resumed", stop_at_step=4)
+    assert (first.reason, first.step) == ("paused", 4)
     resumed = train(model_config, cfg, tmp_path / "resumed", resume=True)
     assert resumed.step == 8
 
@@ -182,3 +174,32 @@ def test_nonfinite_steps_are_skipped_then_the_run_saves_and_stops(data_dir, tmp_
     latest = ckpt.latest_checkpoint(tmp_path, training=True)
     assert latest.name == "step_00000002"
     assert all(torch.isfinite(v).all() for v in ckpt.read_model_state(latest).values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the time-fitted schedule
+
+
+def test_schedule_fitted_to_the_time_budget(data_dir, tmp_path):
+    import time
+
+    from deepseek_lm.train.trainer import build_trainer, restore_trainer_state, trainer_state_dict
+
+    model_config, cfg = tiny_configs(data_dir, max_steps=10_000, eval_every=0, fit_schedule_to_time=True)
+    t = build_trainer(model_config, cfg, tmp_path)
+    val_steps = len(t.data.tokens("val")) / t.tokens_per_step / 3
+    loop.fit_schedule(t, None, step_time=0.01, deadline=time.monotonic() + 60)
+    expected = int((60 - val_steps * 0.01 - loop.FINISH_RESERVE_S) * 0.95 / 0.01)
+    assert abs(t.total_steps - expected) <= 2 and t.state.fitted_total_steps == t.total_steps
+    assert t.scheduler.lr_lambdas[0](t.total_steps - 1) == pytest.approx(cfg.min_lr_ratio)
+
+    fresh = build_trainer(model_config, cfg, tmp_path)
+    restore_trainer_state(fresh, trainer_state_dict(t))  # resume keeps the fitted length
+    assert fresh.total_steps == t.total_steps
+    assert fresh.scheduler.lr_lambdas[1](t.total_steps - 1) == pytest.approx(cfg.min_lr_ratio)
+
+
+def test_bf16_autocast_trains_on_cpu(data_dir, tmp_path):
+    model_config, cfg = tiny_configs(data_dir, max_steps=2, precision="bf16", eval_every=0, sample_every=0)
+    result = train(model_config, cfg, tmp_path)
+    assert result.step == 2 and result.val["loss"] < 10

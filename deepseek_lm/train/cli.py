@@ -50,6 +50,10 @@ def build_parser(model_defaults: dict[str, Any], train_defaults: dict[str, Any])
         "--resume", action="store_true", help="continue from the latest complete checkpoint in --out"
     )
     parser.add_argument(
+        "--stop-at-step", type=int | None, default=None,
+        help="end this invocation after that step (evaluate, save), keeping the schedule; continue with --resume",
+    )  # fmt: skip
+    parser.add_argument(
         "--data-dir", type=str | None, default=None, help="a directory written by `deepseek-lm prepare`"
     )
     parser.add_argument(
@@ -75,7 +79,7 @@ def _parse(parser, argv: list[str]):
         raise UserError(f"{detail}; see `deepseek-lm train --help`") from None
 
 
-def resolve(argv: list[str]) -> tuple[DeepSeekConfig, TrainConfig, Path, bool, str]:
+def resolve(argv: list[str]) -> tuple[DeepSeekConfig, TrainConfig, Path, bool, str, int | None]:
     """Two passes: the first finds the preset / run to take defaults from, the second applies the flags."""
     first = _parse(build_parser(*preset_defaults("seed")), argv)
     preset = first.preset or ("demo" if not argv else "seed")
@@ -90,13 +94,8 @@ def resolve(argv: list[str]) -> tuple[DeepSeekConfig, TrainConfig, Path, bool, s
     for key in SHORTCUTS:
         if ns[key] is not None:
             train_dict[key] = ns[key]
-    return (
-        DeepSeekConfig.from_dict(ns.model.as_dict()),
-        TrainConfig.from_dict(train_dict),
-        out,
-        ns.resume,
-        preset,
-    )
+    model = DeepSeekConfig.from_dict(ns.model.as_dict())
+    return model, TrainConfig.from_dict(train_dict), out, ns.resume, preset, ns.stop_at_step
 
 
 def _saved_config(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -121,10 +120,10 @@ def main(argv: list[str]) -> int:
     from deepseek_lm.train.session import train
 
     try:
-        model_config, train_config, out, resume, preset = resolve(argv)
+        model_config, train_config, out, resume, preset, stop_at_step = resolve(argv)
     except SystemExit as e:  # --help, --print_config
         return int(e.code or 0)
     if not argv and os.environ.get("RANK", "0") == "0":
         make_room_for_demo(out)
-    train(model_config, train_config, out, resume=resume, preset=preset)
+    train(model_config, train_config, out, resume=resume, preset=preset, stop_at_step=stop_at_step)
     return 0

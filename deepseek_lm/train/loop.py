@@ -21,9 +21,11 @@ import torch
 from deepseek_lm.train import distributed as D
 from deepseek_lm.train.monitor import Monitor, resource_usage
 from deepseek_lm.train.samples import format_samples, generate_samples
-from deepseek_lm.train.trainer import Trainer, save
+from deepseek_lm.train.trainer import Trainer, save, set_total_steps
 
 NONFINITE_LIMIT = 3  # non-finite steps in a row before the run saves and stops
+CALIBRATION_STEPS = 20  # steps timed before fitting the schedule to the time budget
+FINISH_RESERVE_S = 15.0  # samples, checkpoint, plots at the end (besides the final evaluation)
 
 
 @dataclass
@@ -269,14 +271,30 @@ def warn_nonfinite(t: Trainer, r: StepResult) -> None:
 # the loop
 
 
-def train_loop(t: Trainer, monitor: Monitor | None, stop: StopSignal, peak_flops: float | None) -> str:
-    """Optimizer steps until done; returns why it stopped: "done" | "time" | "signal" | "nonfinite"."""
-    budget = t.cfg.max_time_minutes
-    deadline = time.monotonic() + budget * 60 if budget is not None else math.inf
-    window = Window()
-    while t.state.step < t.total_steps:
+def train_loop(
+    t: Trainer,
+    monitor: Monitor | None,
+    stop: StopSignal,
+    peak_flops: float | None,
+    stop_at_step: int | None = None,
+) -> str:
+    """Optimizer steps until done; returns why it stopped:
+    "done" | "time" (budget) | "signal" | "paused" (reached `stop_at_step`) | "nonfinite"."""
+    start = time.monotonic()
+    deadline = start + t.cfg.max_time_minutes * 60 if t.cfg.max_time_minutes is not None else math.inf
+    pause_at = stop_at_step if stop_at_step is not None else math.inf
+    window, steps_run = Window(), 0
+    while t.state.step < min(t.total_steps, pause_at):
         over_time = t.dist.is_main and time.monotonic() > deadline  # rank 0's clock decides for all
-        result = train_step(t, stop.requested or over_time)
+        pausing = t.state.step + 1 >= pause_at
+        result = train_step(t, stop.requested or over_time or pausing)
+        steps_run += 1
+        if (
+            steps_run == CALIBRATION_STEPS
+            and t.cfg.fit_schedule_to_time
+            and t.state.fitted_total_steps is None
+        ):
+            fit_schedule(t, monitor, (time.monotonic() - start) / steps_run, deadline)
         if result.skipped:
             t.state.nonfinite_in_a_row += 1
             if t.dist.is_main:
@@ -288,8 +306,31 @@ def train_loop(t: Trainer, monitor: Monitor | None, stop: StopSignal, peak_flops
             window.add(result)
             window = after_step(t, monitor, window, result, peak_flops)
         if result.stop:
-            return "time" if over_time else "signal"
-    return "done"
+            return "time" if over_time else "paused" if pausing else "signal"
+    return "done" if t.state.step >= t.total_steps else "paused"
+
+
+def fit_schedule(t: Trainer, monitor: Monitor | None, step_time: float, deadline: float) -> None:
+    """Shorten the schedule to the steps that fit before `deadline` (rank 0 decides, all ranks follow).
+
+    Costs in units of one training step: evaluation forwards count 1/3 (no backward); the final full
+    evaluation, samples, checkpoint and plots are reserved up front. `step_time` includes the slow first
+    steps, a margin of its own.
+    """
+    cfg, per_step_tokens = t.cfg, t.tokens_per_step
+    eval_share = (
+        cfg.eval_batches * cfg.micro_batch_size * cfg.seq_len / per_step_tokens / 3 / cfg.eval_every
+        if cfg.eval_every
+        else 0.0
+    )
+    final_s = len(t.data.tokens("val")) / per_step_tokens / 3 * step_time + FINISH_RESERVE_S
+    spare_s = (deadline - time.monotonic() - final_s) * 0.95
+    fitted = t.state.step + max(int(spare_s / (step_time * (1 + eval_share))), 1)
+    total = D.broadcast_object(min(t.total_steps, fitted), t.dist)
+    set_total_steps(t, total)
+    if monitor is not None:
+        monitor.bar.total = total
+        monitor.print(f"schedule fitted to the time budget: {total} steps ({step_time:.2f} s/step so far)")
 
 
 def after_step(

@@ -54,10 +54,13 @@ def lr_factor(step: int, *, warmup: int, total: int, decay: str, floor: float) -
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def schedule_factor(cfg: TrainConfig, total_steps: int) -> partial:
+    return partial(
+        lr_factor, warmup=cfg.warmup_steps, total=total_steps, decay=cfg.decay, floor=cfg.min_lr_ratio
+    )
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    factor = partial(
-        lr_factor, warmup=cfg.warmup_steps, total=total_steps, decay=cfg.decay, floor=cfg.min_lr_ratio
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg, total_steps))

@@ -30,6 +30,7 @@ STOP_MESSAGES = {
     "done": "finished",
     "time": "stopped: the time budget (train.max_time_minutes) ran out",
     "signal": "stopped by a signal",
+    "paused": "paused at --stop-at-step (continue with --resume)",
     "nonfinite": "stopped: non-finite loss",
 }
 
@@ -43,7 +44,7 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path | None  # the last one written
     step: int
-    reason: str  # done | time | signal | nonfinite
+    reason: str  # done | time | signal | paused | nonfinite
     val: dict[str, float] | None  # the final evaluation (whole validation split)
     samples: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -56,8 +57,13 @@ def train(
     *,
     resume: bool = False,
     preset: str | None = None,
+    stop_at_step: int | None = None,
 ) -> TrainResult:
-    """Train in `out_dir` (created); with `resume`, continue from its latest complete checkpoint."""
+    """Train in `out_dir` (created); with `resume`, continue from its latest complete checkpoint.
+
+    `stop_at_step` ends this invocation after that optimizer step (evaluate, save) without shortening
+    the schedule: a long run in chunks, e.g. on preemptible machines.
+    """
     start = time.monotonic()
     stop = StopSignal().install()
     monitor, t = None, None
@@ -68,7 +74,7 @@ def train(
             monitor = make_monitor(t)
         with D.collective_guard(t.dist):
             peak = t.cfg.peak_flops or measure_matmul_peak(t.device, t.precision.dtype)
-            reason = train_loop(t, monitor, stop, peak)
+            reason = train_loop(t, monitor, stop, peak, stop_at_step)
             return finish(t, monitor, reason, time.monotonic() - start)
     finally:
         if monitor is not None:
