@@ -100,3 +100,21 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     # greedy with a strong penalty moves off the seen argmax
     picked = sample(logits, SamplingConfig(temperature=0.0, repetition_penalty=10.0), None, seen)
     assert picked.item() == 2
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=2), dict(top_k=None, top_p=0.7), dict(top_k=3, top_p=0.7)])
+def test_filtered_sampling_follows_the_renormalised_distribution(kwargs):
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # unsorted on purpose
+    logits = probs.log().expand(20000, 4)
+    picked = sample(logits, SamplingConfig(temperature=1.0, **kwargs), make_generator(0))
+    freq = torch.bincount(picked, minlength=4).float() / picked.numel()
+    assert torch.allclose(freq, torch.tensor([0.0, 0.625, 0.0, 0.375]), atol=0.02)
+
+
+def test_sampling_never_picks_zero_probability_tokens():
+    logits = torch.full((5000, 6), float("-inf"))
+    logits[:, 2] = 0.0
+    logits[:, 4] = -1.0
+    for kwargs in [dict(top_k=None), dict(top_k=4), dict(top_k=None, top_p=0.99)]:
+        picked = sample(logits, SamplingConfig(temperature=1.0, **kwargs), make_generator(1))
+        assert set(picked.tolist()) <= {2, 4}

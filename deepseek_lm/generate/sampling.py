@@ -79,11 +79,15 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    kept = _nucleus_of_sorted(sorted_logits, p)
+    return logits.masked_fill(~kept.scatter(-1, order, kept), float("-inf"))
+
+
+def _nucleus_of_sorted(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, K) bool: which tokens of descending logits form the nucleus."""
     probs = sorted_logits.softmax(dim=-1)
-    # drop a token when the tokens before it already reach p (so the one crossing p stays)
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    # keep a token while the tokens before it have not reached p yet (so the one crossing p stays)
+    return (probs.cumsum(dim=-1) - probs) < p
 
 
 def sample(
@@ -92,15 +96,32 @@ def sample(
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next token ids (B,) long from logits (B, V). `seen` (B, V) bool feeds the repetition penalty."""
+    """Next token ids (B,) long from logits (B, V). `seen` (B, V) bool feeds the repetition penalty.
+
+    Same distribution as `softmax(top_p_filter(top_k_filter(logits / T)))`, computed on the k candidates
+    only: one top-k over the vocabulary, then everything else on (B, k).
+    """
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
     if config.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / config.temperature
-    logits = top_p_filter(top_k_filter(logits, config.top_k), config.top_p)
-    probs = logits.softmax(dim=-1)
-    # The exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is a draw from p (as in gpt-fast); one
-    # vectorised pass, no host sync, unlike torch.multinomial.
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(dim=-1)
+    vocab = logits.size(-1)
+    k = min(config.top_k or vocab, vocab)
+    if k == vocab and config.top_p >= 1.0:
+        return _draw(logits, generator)
+    cand, ids = torch.topk(logits, k, dim=-1)  # (B, k) descending (k = V is a full sort, for top-p)
+    if config.top_p < 1.0:
+        cand = cand.masked_fill(~_nucleus_of_sorted(cand, config.top_p), float("-inf"))
+    return ids.gather(-1, _draw(cand, generator)[:, None])[:, 0]
+
+
+def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row with probability softmax(logits), by inverting the CDF at a uniform draw.
+
+    fp64 so that u < cdf[-1] always holds; side="right" never lands on a zero-probability token. (Cheaper
+    on CPU than torch.multinomial or the exponential race, both of which draw one random number per token.)
+    """
+    cdf = logits.softmax(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # (B, K)
+    u = torch.rand(cdf.size(0), 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.size(-1) - 1)
