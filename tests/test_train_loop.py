@@ -203,3 +203,15 @@ def test_bf16_autocast_trains_on_cpu(data_dir, tmp_path):
     model_config, cfg = tiny_configs(data_dir, max_steps=2, precision="bf16", eval_every=0, sample_every=0)
     result = train(model_config, cfg, tmp_path)
     assert result.step == 2 and result.val["loss"] < 10
+
+
+def test_gradient_checkpointing_gives_the_same_training(data_dir, tmp_path):
+    runs = []
+    for flag in (False, True):
+        model_config, cfg = tiny_configs(
+            data_dir, max_steps=3, gradient_checkpointing=flag, eval_every=0, sample_every=0
+        )
+        runs.append(ckpt.read_model_state(train(model_config, cfg, tmp_path / str(flag)).checkpoint))
+    plain, recomputed = runs
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -33,6 +33,7 @@ class StepResult:
     loss: float  # mean cross-entropy over the step's micro-batches and ranks (nats / token)
     aux_loss: float
     grad_norm: float  # before clipping; nan when the step was skipped
+    lr: float  # the learning rate this step used (of the decayed group; all groups share the schedule)
     skipped: bool  # non-finite loss or gradients: no update
     stop: bool  # some rank was asked to stop (signal, time budget)
     counts_LE: torch.Tensor | None  # routed tokens per expert, summed over micro-batches and ranks
@@ -122,42 +123,35 @@ def optimizer_step(t: Trainer) -> float | None:
     return norm
 
 
-def train_step(t: Trainer, stop_requested: bool) -> StepResult:
-    accum = t.cfg.grad_accum_steps
-    total = None
+def run_micro_batches(t: Trainer) -> tuple[torch.Tensor, int]:
+    """Forward + backward over the step's micro-batches -> (summed stats vector, number of MoE layers)."""
+    accum, total = t.cfg.grad_accum_steps, None
     for i in range(accum):
         x, y = next(t.loader)  # (B, T) each
-        out = forward_backward(
-            t, x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True), i == accum - 1
-        )
+        x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+        out = forward_backward(t, x, y, sync=i == accum - 1)
         stats = _micro_batch_stats(out)
         total = stats if total is None else total + stats
+    return total, len(out.router_stats or [])
+
+
+def train_step(t: Trainer, stop_requested: bool) -> StepResult:
+    lr = t.optimizer.param_groups[0]["lr"]
+    total, n_layers = run_micro_batches(t)
     flag = torch.tensor([1.0 if stop_requested else 0.0], dtype=torch.float64, device=total.device)
-    reduced = D.all_reduce(torch.cat([total, flag]), t.dist)
-    n_layers = len(out.router_stats or [])
-    n_experts = t.model_config.n_routed_experts
-    s = _unpack(reduced.cpu(), n_layers, n_experts, accum * t.dist.world_size)
-    norm = None
-    if math.isfinite(s["loss"] + s["aux_loss"]):
-        norm = optimizer_step(t)
-    else:
-        t.optimizer.zero_grad(set_to_none=True)
+    reduced = D.all_reduce(torch.cat([total, flag]), t.dist)  # one collective carries all the step's stats
+    n_micro = t.cfg.grad_accum_steps * t.dist.world_size
+    s = _unpack(reduced.cpu(), n_layers, t.model_config.n_routed_experts, n_micro)
+    norm = optimizer_step(t) if math.isfinite(s["loss"] + s["aux_loss"]) else None
     if norm is None:
-        return StepResult(s["loss"], s["aux_loss"], math.nan, True, s["stop"], None, None, None)
+        t.optimizer.zero_grad(set_to_none=True)
+        return StepResult(s["loss"], s["aux_loss"], math.nan, lr, True, s["stop"], None, None, None)
     if n_layers:
         t.raw_model.update_router_biases(list(s["counts_LE"].to(t.device)))
     t.state.step += 1
     t.state.tokens_seen += t.tokens_per_step
-    return StepResult(
-        s["loss"],
-        s["aux_loss"],
-        norm,
-        False,
-        s["stop"],
-        s.get("counts_LE"),
-        s.get("dropped_L"),
-        s.get("entropy_L"),
-    )
+    moe = (s.get("counts_LE"), s.get("dropped_L"), s.get("entropy_L"))
+    return StepResult(s["loss"], s["aux_loss"], norm, lr, False, s["stop"], *moe)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,7 +196,7 @@ class Window:
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.steps = 0
-        self.loss = self.aux = self.grad_norm = 0.0
+        self.loss = self.aux = self.grad_norm = self.lr = 0.0
         self.counts_LE: torch.Tensor | None = None
         self.dropped_L: torch.Tensor | None = None
         self.entropy_L: torch.Tensor | None = None
@@ -212,6 +206,7 @@ class Window:
         self.loss += r.loss
         self.aux += r.aux_loss
         self.grad_norm += r.grad_norm
+        self.lr = r.lr  # the window's last
         if r.counts_LE is not None:
             first = self.counts_LE is None
             self.counts_LE = r.counts_LE.clone() if first else self.counts_LE + r.counts_LE
@@ -231,7 +226,7 @@ class Window:
             "loss": loss,
             "aux_loss": self.aux / self.steps,
             "bits_per_byte": bits_per_byte(loss, t.data.bytes_per_token("train")),
-            "lr": t.scheduler.get_last_lr()[0],
+            "lr": self.lr,
             "grad_norm": self.grad_norm / self.steps,
             "tokens": t.state.tokens_seen,
             "tokens_per_s": tokens_per_s,
@@ -339,9 +334,7 @@ def after_step(
     """Periodic logging, evaluation, checkpoints and samples; the final step's are the caller's."""
     step, cfg = t.state.step, t.cfg
     if monitor is not None:
-        monitor.advance(
-            step, result.loss, t.scheduler.get_last_lr()[0], t.tokens_per_step / max(window.step_time(), 1e-9)
-        )
+        monitor.advance(step, result.loss, result.lr, t.tokens_per_step / max(window.step_time(), 1e-9))
     if step % cfg.log_every == 0 or step == t.total_steps:
         record = window.record(t, peak_flops)
         if monitor is not None:

@@ -181,24 +181,30 @@ def prepare_model(
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    legacy = np.random.get_state()
+    """This process's generator states as bytes and tuples: picklable for the all-gather across ranks and
+    loadable with weights_only."""
+    name, keys, *rest = np.random.get_state()
     state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
+        "torch": torch.get_rng_state().numpy().tobytes(),
         "python": random.getstate(),
-        "numpy": (legacy[0], torch.from_numpy(legacy[1].copy()), *legacy[2:]),
+        "numpy": (name, keys.tobytes(), *rest),
     }
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+        state["cuda"] = torch.cuda.get_rng_state(device).numpy().tobytes()
     return state
 
 
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     random.setstate(_as_tuples(state["python"]))
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
+    np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32), *rest))
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(_byte_tensor(state["cuda"]), device)
 
 
 def _as_tuples(value: Any) -> Any:

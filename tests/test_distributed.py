@@ -1,0 +1,137 @@
+"""Data parallelism on CPU (gloo, 2 processes under torchrun): same result as 1 process with the same global
+batch, exact stop + resume, and a dead rank makes the other exit non-zero in bounded time."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_helpers import make_tiny_data, tiny_configs
+
+from deepseek_lm import checkpoint as ckpt
+from deepseek_lm.train.monitor import read_metrics
+from deepseek_lm.train.session import train
+
+pytestmark = pytest.mark.slow
+
+# 2 ranks × micro-batch 2 = 1 rank × micro-batch 4: the loader gives the same global batches either way
+COMMON = [
+    "--preset", "tiny", "--max-steps", "6", "--train.grad_accum_steps", "2", "--train.peak_flops", "1e12",
+    "--train.eval_every", "0", "--train.sample_every", "0", "--train.log_every", "1",
+]  # fmt: skip
+# fp32 gradient all-reduce sums in another order than one process's batch mean: parameters agree to ~1e-6
+# after 6 AdamW steps at lr 3e-3; the tolerance leaves an order of magnitude of headroom.
+ATOL, RTOL = 1e-5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(data_dir, out, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "deepseek_lm", "train", *COMMON, "--train.micro_batch_size", "2",
+        "--data-dir", str(data_dir), "--out", str(out), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    proc = torchrun(data_dir, out)
+    assert "2 process(es) · DDP" in proc.stdout
+    assert "global batch 2 × 2 accumulation × 2 process(es) = 8 sequences" in proc.stdout
+    return out
+
+
+def test_two_processes_match_one_with_the_same_global_batch(data_dir, ddp_run, tmp_path):
+    model_config, cfg = tiny_configs(
+        data_dir, max_steps=6, grad_accum_steps=2, micro_batch_size=4, eval_every=0, sample_every=0
+    )
+    single = train(model_config, cfg, tmp_path)
+    a = ckpt.read_model_state(single.checkpoint)
+    b = ckpt.read_model_state(ckpt.latest_checkpoint(ddp_run))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=ATOL, rtol=RTOL, msg=name)
+    biases = [k for k in a if k.endswith("e_score_correction_bias")]
+    assert all(torch.equal(a[k], b[k]) for k in biases)  # from identical all-reduced integer counts
+    one, two = losses(tmp_path), losses(ddp_run)
+    assert one.keys() == two.keys() == set(range(1, 7))
+    assert all(abs(one[s] - two[s]) < 1e-4 for s in one)
+
+
+def test_two_process_stop_and_resume_equals_uninterrupted(data_dir, ddp_run, tmp_path):
+    torchrun(data_dir, tmp_path, "--stop-at-step", "3")
+    assert ckpt.latest_checkpoint(tmp_path, training=True).name == "step_00000003"
+    proc = torchrun(data_dir, tmp_path, "--resume")
+    assert "resumed from" in proc.stdout
+    a = ckpt.read_model_state(ckpt.latest_checkpoint(ddp_run))
+    b = ckpt.read_model_state(ckpt.latest_checkpoint(tmp_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(ddp_run) == losses(tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dead_rank_makes_the_other_exit_nonzero_in_bounded_time(data_dir, tmp_path):
+    # Two ranks started by hand (as torchrun would), so that killing one leaves the other to our code alone.
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "deepseek_lm", "train", *COMMON, "--max-steps", "100000",
+        "--train.micro_batch_size", "2", "--train.save_every", "2", "--train.dist_timeout_s", "60",
+        "--data-dir", str(data_dir), "--out", str(tmp_path),
+    ]  # fmt: skip
+    procs = []
+    for rank in range(2):
+        rank_env = {**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                    "RANK": str(rank), "LOCAL_RANK": str(rank)}  # fmt: skip
+        procs.append(
+            subprocess.Popen(argv, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while len(read_metrics(tmp_path, "train")) < 4:
+            assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run did not get going"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        # bounded: the dead peer's closed connection, or at worst the 60 s collective timeout
+        _, err = procs[0].communicate(timeout=180)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode not in (0, None)
+    assert "lost contact with the other processes" in err and "--resume" in err
+
+    # and the run resumes from its last complete checkpoint (here in one process with the same global batch)
+    step = ckpt.read_trainer_state(ckpt.latest_checkpoint(tmp_path, training=True))["state"]["step"]
+    resume = ["--resume", "--stop-at-step", str(step + 1), "--train.micro_batch_size", "4"]
+    proc = subprocess.run(
+        [*argv[:3], "train", "--out", str(tmp_path), *resume],
+        capture_output=True, text=True, env=env(), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ckpt.latest_checkpoint(tmp_path, training=True).name == f"step_{step + 1:08d}"
