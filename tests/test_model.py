@@ -167,6 +167,30 @@ def test_meta_device_then_init_weights_equals_get_model(tiny_config):
     assert torch.equal(model.rope, ref.rope)  # the non-persistent rope tables are recomputed too
 
 
+def test_meta_device_recipe_keeps_a_tied_head_tied():
+    with torch.device("meta"):
+        model = DeepSeekLM(DeepSeekConfig.from_preset("tiny", tie_word_embeddings=True))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_bf16_autocast_training_step(tiny_config, grouped_mm):
+    """Mixed dtypes meet in rope, the expert dispatch and the chunked loss; the loss stays near fp32's."""
+    model = get_model(tiny_config).train()
+    for moe in model.moe_layers():
+        moe.experts.use_grouped_mm = grouped_mm
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        fp32 = model(ids, targets=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, targets=ids)
+    (out.loss + out.aux_loss).backward()
+    assert abs(out.loss.item() - fp32.item()) < 0.05
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_flops_per_token():
     model = get_model(DeepSeekConfig())
     c = model.config

@@ -24,8 +24,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused kernel; it accumulates in fp32 for bf16/fp16 inputs
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # one fused kernel (it accumulates in fp32 for bf16 inputs); it needs the weight in x's dtype, which
+        # differs under autocast when x comes out of a bf16 matmul
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -100,4 +101,4 @@ def rope_tables(config: DeepSeekConfig, device: torch.device | str | None = None
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s). x (..., T, h, dr), cos/sin (.., T, 1, dr)."""
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
-    return x * cos + swapped * sin
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)  # keep x's dtype (bf16 under autocast)

@@ -18,7 +18,9 @@ CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB fp32): fewer passes over th
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_rows: int | None) -> int:
-    return max(1, min(n_rows, chunk_rows or CHUNK_ELEMENTS // vocab))
+    """Rows per chunk, evened out: a small last chunk would cost a whole extra pass over the (V, D) grad."""
+    most = max(1, min(n_rows, chunk_rows or CHUNK_ELEMENTS // vocab))
+    return -(-n_rows // -(-n_rows // most))  # ceil(N / ceil(N / most))
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -89,12 +89,12 @@ class Experts(nn.Module):
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_AD sorted by expert, counts_E rows per expert (summing to A) -> expert outputs (A, D)."""
-        if self._grouped_ok(x_AD):
+        dtype = _autocast_dtype(x_AD)  # F.linear casts under autocast by itself; _grouped_mm does not
+        if self._grouped_ok(x_AD, dtype):
+            w_gu, w_down, x_AD = self.gate_up_proj.to(dtype), self.down_proj.to(dtype), x_AD.to(dtype)
             offs_E = counts_E.cumsum(0, dtype=torch.int32)
-            gate_AI, up_AI = torch._grouped_mm(x_AD, self.gate_up_proj.transpose(1, 2), offs=offs_E).chunk(
-                2, -1
-            )
-            return torch._grouped_mm(F.silu(gate_AI) * up_AI, self.down_proj.transpose(1, 2), offs=offs_E)
+            gate_AI, up_AI = torch._grouped_mm(x_AD, w_gu.transpose(1, 2), offs=offs_E).chunk(2, -1)
+            return torch._grouped_mm(F.silu(gate_AI) * up_AI, w_down.transpose(1, 2), offs=offs_E)
         outs, start = [], 0
         for e, n in enumerate(counts_E.tolist()):  # one host sync; empty experts are skipped
             if n:
@@ -103,19 +103,28 @@ class Experts(nn.Module):
                 start += n
         return torch.cat(outs) if outs else x_AD.new_zeros(0, x_AD.shape[1])
 
-    def _grouped_ok(self, x: torch.Tensor) -> bool:
+    def _grouped_ok(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         if self.use_grouped_mm is not None:
             return self.use_grouped_mm
         if not hasattr(torch, "_grouped_mm") or x.shape[0] == 0:
             return False
-        if x.device.type == "cpu":  # measured faster than the slice loop at seed size (see README)
-            return x.dtype in (torch.float32, torch.bfloat16)
-        # CUDA kernels: bf16 on Hopper or newer
+        if x.device.type == "cpu":  # one C++ loop over the experts: less overhead than the Python slices
+            return dtype in (torch.float32, torch.bfloat16)
+        # the CUDA kernel: bf16 on Hopper or newer, rows 16-byte aligned
+        D, inter = self.down_proj.shape[1:]
         return (
             x.device.type == "cuda"
-            and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability()[0] >= 9
+            and dtype == torch.bfloat16
+            and D % 8 == 0
+            and inter % 8 == 0
+            and torch.cuda.get_device_capability(x.device)[0] >= 9
         )
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class MoE(nn.Module):
@@ -134,7 +143,8 @@ class MoE(nn.Module):
         topk_ids_TK, w_TK, probs_TE = self.gate(x_TD)
         order_A, counts_E, kept_E = self._sort_assignments(topk_ids_TK, w_TK)
         tok_A = order_A // topk_ids_TK.shape[1]
-        y_AD = self.experts(x_TD[tok_A], kept_E) * w_TK.view(-1)[order_A, None].to(x_TD.dtype)
+        y_AD = self.experts(x_TD[tok_A], kept_E)
+        y_AD = y_AD * w_TK.view(-1)[order_A, None].to(y_AD.dtype)
         # the routed outputs are added in place onto the shared experts' output: no (T, D) zeros + add
         out_TD = self.shared_experts(x_TD) if self.shared_experts is not None else torch.zeros_like(x_TD)
         out_TD.index_add_(0, tok_A, y_AD.to(out_TD.dtype))  # under autocast the two dtypes can differ

@@ -82,6 +82,8 @@ class DeepSeekLM(nn.Module):
         transformers' DeepseekV3 uses plain normal(0, σ) everywhere; parity tests load weights, so
         this choice only affects training from scratch.
         """
+        if self.config.tie_word_embeddings:  # to_empty gives every module its own new tensor: tie again
+            self.lm_head.weight = self.embed_tokens.weight
         std, out_std = (
             self.config.initializer_range,
             self.config.initializer_range / math.sqrt(2 * len(self.layers)),
@@ -183,7 +185,5 @@ def get_model(config: DeepSeekConfig | None = None, device: torch.device | str |
     with torch.device("meta"):
         model = DeepSeekLM(config)
     model.to_empty(device=device or "cpu")
-    if config.tie_word_embeddings:  # to_empty gives every module its own new tensor: tie the head again
-        model.lm_head.weight = model.embed_tokens.weight
     model.init_weights()
     return model
