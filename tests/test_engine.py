@@ -272,3 +272,14 @@ def test_empty_prompt_starts_a_document_and_bad_settings_are_user_errors(engine)
     with pytest.raises(UserError, match="top_p"):
         engine.generate("The", top_p=0)
     assert engine.generate("The", max_new_tokens=0).token_ids == []
+
+
+def test_repetition_penalty_breaks_greedy_loops(engine):
+    engine.eos_token_id = None
+    plain = engine.generate("The", max_new_tokens=40, temperature=0)
+    penalised = engine.generate("The", max_new_tokens=40, temperature=0, repetition_penalty=3.0)
+    assert len(set(penalised.token_ids)) > len(set(plain.token_ids))
+    # the prompt counts as seen: its tokens are penalised from the first step
+    prompt = engine.encode("The")
+    first = engine.generate_ids([prompt], 1, sampling=SamplingConfig(temperature=0, repetition_penalty=1e6))
+    assert first[0].token_ids[0] not in prompt

@@ -25,6 +25,7 @@ def test_generate_without_a_prompt_is_one_line_error(capsys, tmp_path):
         (["--top-p", "1.5"], "top_p"),
         (["--top-k", "-3"], "top_k"),
         (["--max-new-tokens", "-1"], "max-new-tokens"),
+        (["--batch-size", "0"], "batch-size"),
     ],
 )
 def test_invalid_sampling_flags_are_one_line_errors(capsys, tmp_path, flags, word):
@@ -86,11 +87,11 @@ def test_generate_prints_prompt_and_completion(capsys, run_dir, engine):
 
 def test_generate_batch_from_flags_and_file(capsys, run_dir, engine, tmp_path):
     f = tmp_path / "prompts.txt"
-    f.write_text("A function\n")
+    f.write_text("A function\n\nThe value\n")
     argv = ["generate", "--checkpoint", str(run_dir), "--prompt", "The", "--prompt-file", str(f)]
-    assert main([*argv, "--temperature", "0", "--max-new-tokens", "8", "--seed", "0"]) == 0
+    assert main([*argv, "--temperature", "0", "--max-new-tokens", "8", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
-    for i, prompt in enumerate(["The", "A function"]):
+    for i, prompt in enumerate(["The", "A function", "The value"]):
         text = engine.generate(prompt, max_new_tokens=8, temperature=0).text
         assert f"--- [{i}]" in out and prompt + text in out
 

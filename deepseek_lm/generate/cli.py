@@ -45,6 +45,7 @@ def _generate_parser() -> ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
     p.add_argument("--seed", type=int | None, default=None, help="fixes the sample")
     p.add_argument("--stop", nargs="+", type=str, help="stop strings (\\n and \\t are understood)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (from --prompt-file)")
     p.add_argument("--interactive", action="store_true", help="a prompt loop; Ctrl-D quits")
     p.add_argument("--device", type=str, default="cpu", help="cpu, cuda, cuda:1, ...")
     return p
@@ -57,8 +58,10 @@ def main_generate(argv: list[str]) -> int:
         raise UserError(
             "no prompt: give --prompt TEXT, --prompt - (stdin), --prompt-file FILE or --interactive"
         )
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.max_new_tokens < 0 or args.batch_size <= 0:
+        raise UserError(
+            f"need --max-new-tokens >= 0 and --batch-size > 0 ({args.max_new_tokens}, {args.batch_size})"
+        )
     # checked before the (slower) checkpoint load
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     from deepseek_lm.generate.engine import Engine
@@ -75,8 +78,9 @@ def main_generate(argv: list[str]) -> int:
         warnings.showwarning = _show_warning
         if len(prompts) == 1:
             _stream_one(engine, prompts[0], settings)
-        elif prompts:
-            _print_batch(engine, prompts, settings)
+        else:  # in batches of --batch-size, each printed as soon as it is done
+            for start in range(0, len(prompts), args.batch_size):
+                _print_batch(engine, prompts[start : start + args.batch_size], start, settings)
         if args.interactive:
             _interactive(engine, settings)
     return 0
@@ -117,9 +121,9 @@ def _stream_one(engine: Any, prompt: str, settings: dict[str, Any]) -> None:
     _note_context_end(engine, completion)
 
 
-def _print_batch(engine: Any, prompts: list[str], settings: dict[str, Any]) -> None:
+def _print_batch(engine: Any, prompts: list[str], first: int, settings: dict[str, Any]) -> None:
     completions = engine.generate(prompts, **settings)
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for i, (prompt, completion) in enumerate(zip(prompts, completions), start=first):
         print(f"{'' if i == 0 else chr(10)}--- [{i}] ({completion.finish_reason}) ---")
         print(prompt + completion.text, flush=True)
         _note_context_end(engine, completion)

@@ -66,7 +66,6 @@ class Engine:
         self.context_length: int = config.max_position_embeddings
         # the model config's ids win (an imported model carries them); else the tokenizer's own
         special = special_token_ids(tokenizer) if tokenizer is not None else {}
-        self.bos_token_id: int | None = config.bos_token_id
         self.eos_token_id: int | None = _first_not_none(config.eos_token_id, special.get("eot"))
         self.pad_token_id: int = _first_not_none(
             config.pad_token_id, special.get("pad"), self.eos_token_id, 0
@@ -87,10 +86,9 @@ class Engine:
     # text API -------------------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        """Prompt ids: BOS when the model uses one; an empty prompt starts a new document (EOS/BOS only)."""
+        """Prompt ids, encoded as `prepare` encodes documents (no BOS: none precedes a document in
+        training). An empty prompt starts a new document: the end-of-text token alone."""
         ids = self._require_tokenizer().encode(text, add_special_tokens=False).ids
-        if self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
         if not ids and self.eos_token_id is not None:
             ids = [self.eos_token_id]  # the document separator: what precedes every document in training
         if not ids:
@@ -123,17 +121,20 @@ class Engine:
         results = _drain(run, stream)
         return results[0] if single else results
 
-    def stream(self, prompt: str, max_new_tokens: int = 128, **kwargs: Any) -> Iterator[str]:
-        """Text pieces of one completion as they are produced (same keyword arguments as `generate`)."""
-        sampling = SamplingConfig(
-            kwargs.pop("temperature", 0.8),
-            kwargs.pop("top_k", 200),
-            kwargs.pop("top_p", 1.0),
-            kwargs.pop("repetition_penalty", 1.0),
-        )
-        seed, stop = kwargs.pop("seed", None), kwargs.pop("stop", None)
-        if kwargs:
-            raise TypeError(f"unexpected keyword argument(s): {', '.join(kwargs)}")
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.8,
+        top_k: int | None = 200,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Iterator[str]:
+        """The text of one completion, piece by piece as it is produced (arguments as in `generate`)."""
+        sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
         run = self._run([self.encode(prompt)], max_new_tokens, sampling, seed, stop, True)
         for _, piece in run:
             yield piece
@@ -242,15 +243,11 @@ class _DecodeState:
         self.ended: set[int] = set()  # rows whose text is complete (EOS or a stop string), host side
         self.stopped_at: dict[int, int] = {}  # row -> step of the token that completed a stop string
         self.logits_log: list[torch.Tensor] | None = [] if output_logits else None
-        prompt = torch.full((batch, longest), self.pad, dtype=torch.long, device=device)
-        for b, r in enumerate(rows):
-            prompt[b, : len(r)] = torch.tensor(r, device=device)
-        self.seen = None  # (B, V) bool: tokens in each row so far, for the repetition penalty
-        if sampling.repetition_penalty != 1.0:
-            self.seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
-            for b, n in enumerate(self.lengths):
-                self.seen[b, prompt[b, :n]] = True
-        self.logits, self.pos = self._prefill(prompt)
+        # (B, V) bool: the tokens each row holds so far, for the repetition penalty
+        self.seen = (
+            _seen_mask(rows, model.config.vocab_size, device) if sampling.repetition_penalty != 1 else None
+        )
+        self.logits, self.pos = self._prefill(_right_pad(rows, self.pad, device))
 
     def _prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Fill the cache with the prompts; return next-token logits (B, V) and the next positions."""
@@ -324,6 +321,20 @@ def _push_text(state: _DecodeState, streams: list[TextStream], t: int) -> Iterat
             state.done[b] = True
         if piece:
             yield b, piece
+
+
+def _right_pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    prompt = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        prompt[b, : len(r)] = torch.tensor(r)
+    return prompt.to(device)
+
+
+def _seen_mask(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool)  # (B, V)
+    for b, r in enumerate(rows):
+        seen[b, r] = True
+    return seen.to(device)
 
 
 def _drain(run: Iterator[tuple[int, str]], callback: StreamCallback | None) -> list[Completion]:
