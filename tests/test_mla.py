@@ -76,6 +76,21 @@ def test_per_row_start_pos_with_right_padded_prompts(model):
                 torch.testing.assert_close(got[b], want, atol=ATOL, rtol=0)
 
 
+def test_per_row_start_pos_with_several_new_tokens(model):
+    """Rows at different offsets take a chunk of 3 tokens each: the mask is per row and per query."""
+    ids = torch.randint(0, 512, (2, 12))
+    cache = model.new_cache(2, 16)
+    with torch.no_grad():
+        model(ids[:, :9], cache=cache)  # row 1 then continues at 4 (its later slots are overwritten)
+        got = model(
+            torch.stack([ids[0, 9:12], ids[1, 4:7]]), cache=cache, start_pos=torch.tensor([9, 4])
+        ).logits
+        want0 = model(ids[:1, :12]).logits[0, 9:12]
+        want1 = model(ids[1:, :7]).logits[0, 4:7]
+    torch.testing.assert_close(got[0], want0, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[1], want1, atol=ATOL, rtol=0)
+
+
 def test_absorbed_equals_naive_with_yarn_and_no_q_lora(tiny_config):
     rope = dict(factor=4.0, original_max_position_embeddings=64, mscale=0.707, mscale_all_dim=0.707)
     config = DeepSeekConfig.from_preset("tiny", rope_scaling=rope, q_lora_rank=0, v_head_dim=24)
@@ -95,6 +110,10 @@ def test_positions_beyond_cache_or_context_raise(model):
         model(torch.zeros(1, 4, dtype=torch.long), cache=cache, start_pos=6)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 300, dtype=torch.long))
+    with pytest.raises(ValueError, match="start_pos must be >= 0"):
+        model(
+            torch.zeros(2, 1, dtype=torch.long), cache=model.new_cache(2, 8), start_pos=torch.tensor([0, -1])
+        )
 
 
 def test_rope_rotates_interleaved_pairs():

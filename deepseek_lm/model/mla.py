@@ -81,10 +81,11 @@ def make_positions(rope: torch.Tensor, B: int, T: int, start_pos, cached: bool, 
             pos.mask = (j <= torch.arange(start_pos, end, device=dev)[:, None])[None, None]  # (1, 1, T, L)
         return pos
     pos_BT = start_pos.to(dev).view(B, 1) + torch.arange(T, device=dev)
-    end = int(pos_BT.max()) + 1  # one host sync per forward
+    first, last = torch.stack(torch.aminmax(pos_BT)).tolist()  # one host sync per forward
+    if first < 0:
+        raise ValueError(f"start_pos must be >= 0 (got {first})")
+    end = last + 1
     _check_end(end, rope.shape[1], max_len if cached else None)
-    if int(pos_BT.min()) < 0:
-        raise ValueError("start_pos must be >= 0")
     cos, sin = rope[:, pos_BT, None]  # (B, T, 1, dr)
     mask = (torch.arange(end, device=dev) <= pos_BT[..., None])[:, None] if cached else None  # (B, 1, T, L)
     return Positions(cos, sin, pos_BT=pos_BT, kv_len=end, mask=mask)
