@@ -145,9 +145,8 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         r = self.kv_lora_rank
         w_ukv = self.kv_b_proj.weight.view(H, self.dn + self.dv, r)
-        q_lat = torch.einsum(
-            "bthd,hdr->bthr", q_nope, w_ukv[:, : self.dn]
-        )  # W_uk folded into q: (B, T, H, r)
+        # W_uk folded into the query: q_nope·(W_uk c_kv) = (W_uk^T q_nope)·c_kv
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_ukv[:, : self.dn])  # (B, T, H, r)
         _write(cache, torch.cat((c_kv, k_pe), dim=-1), pos)
         kv = cache[:, : pos.kv_len]  # (B, L, r + dr)
         q = torch.cat((q_lat, q_pe), dim=-1)  # (B, T, H, r + dr)

@@ -7,11 +7,12 @@ top-2 biased scores for sigmoid as V3, the max score for softmax as V2). Gate we
 unbiased scores, renormalised to sum to 1 when `norm_topk_prob`, times `routed_scaling_factor`.
 
 Dispatch: the T·K token→expert assignments are sorted by expert, so each expert runs one matmul chain on a
-contiguous slice (`torch._grouped_mm` where the device supports it: one kernel for all experts), and the
-weighted outputs are added back with `index_add`. Nothing scales with tokens × experts × hidden.
+contiguous slice (`torch._grouped_mm` where the device supports it: one call for all experts; else a loop over
+the experts' slices), and the weighted outputs are added back with `index_add`. Nothing scales with
+tokens × experts × hidden.
 
-Legend: T tokens (B·S), D hidden, E routed experts, K experts per token, A = T·K assignments (A' kept after
-capacity dropping), I expert intermediate size, G groups.
+Legend: T tokens (B·S), D hidden, E routed experts, K experts per token, A = T·K assignments (fewer after
+capacity dropping), I expert intermediate size, G groups of e experts, N sequences (aux loss).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class RouterStats:
     """One MoE layer's routing in one forward; detached tensors."""
 
     counts: torch.Tensor  # (E,) long: assignments per routed expert chosen by the router (before dropping)
-    dropped_frac: torch.Tensor  # () float: fraction of the T·K assignments dropped by the capacity limit
+    dropped_frac: torch.Tensor  # () float (on the CPU): fraction of the T·K assignments over capacity
     entropy: torch.Tensor  # () float: mean entropy of the routing distribution (nats; log E when uniform)
     bias: torch.Tensor  # (E,) float: the selection bias used
 

@@ -129,7 +129,12 @@ class DeepSeekLM(nn.Module):
         start_pos: int | torch.Tensor = 0,
         last_logits_only: bool = False,
     ) -> ModelOutput:
-        """input_ids (B, T) -> ModelOutput. See CONTRACT.md for the cache and start_pos semantics."""
+        """input_ids (B, T) long -> ModelOutput.
+
+        targets (B, T): the loss is computed chunked and `logits` is None. cache: run the absorbed MLA path
+        over it; row b's tokens sit at positions start_pos[b] + t (start_pos an int or (B,) long), are written
+        there, and attend to cache positions j <= their own. Without a cache: naive MLA, causal over T.
+        """
         B, T = input_ids.shape
         max_len = cache.max_len if cache is not None else self.rope.shape[1]
         pos = make_positions(self.rope, B, T, start_pos, cache is not None, max_len)
