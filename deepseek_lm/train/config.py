@@ -141,7 +141,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(model="seed"),
     "demo": dict(
         model="seed", micro_batch_size=8, grad_accum_steps=1, seq_len=128, max_steps=4000,
-        max_time_minutes=6.0, fit_schedule_to_time=True, lr=3e-3, warmup_steps=50, weight_decay=0.1,
+        max_time_minutes=6.0, fit_schedule_to_time=True, lr=6e-3, warmup_steps=50, weight_decay=0.1,
         grad_clip=1.0, eval_every=200, eval_batches=20, sample_every=500, save_every=400, log_every=25,
     ),
     "tiny": dict(

@@ -143,20 +143,23 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, *, fsdp: 
 
 
 def _fully_shard(model: nn.Module, info: DistInfo, device: torch.device, param_dtype):
-    if device.type != "cuda":
-        raise UserError(
-            "train.fsdp needs CUDA devices (FSDP2 shards over NCCL); use DDP (the default) on CPU"
-        )
-    if not info.enabled:
-        # FSDP2 over one GPU still exercises the sharded path (and its mixed precision); it needs a group.
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    """FSDP2: each block, then the root, shards its parameters over all ranks (a 1-D device mesh).
+
+    Meant for GPUs (NCCL); it also runs on CPU over gloo, which the tests use to check the sharded path.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # bf16 compute with fp32 gradient reduction and fp32 master weights (torchtitan's default policy).
+    if not dist.is_initialized():  # FSDP2 in a single process still needs a process group
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    # compute in param_dtype (bf16 on GPUs), reduce gradients in fp32, keep fp32 master weights: torchtitan's
+    # default policy
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 

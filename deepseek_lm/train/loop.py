@@ -18,13 +18,17 @@ from typing import Any
 
 import torch
 
+from deepseek_lm import checkpoint as ckpt
 from deepseek_lm.train import distributed as D
 from deepseek_lm.train.monitor import Monitor, resource_usage
 from deepseek_lm.train.samples import format_samples, generate_samples
-from deepseek_lm.train.trainer import Trainer, save, set_total_steps
+from deepseek_lm.train.trainer import Trainer, save, set_total_steps, total_steps
 
 NONFINITE_LIMIT = 3  # non-finite steps in a row before the run saves and stops
-CALIBRATION_STEPS = 20  # steps timed before fitting the schedule to the time budget
+# The time-fitted schedule times steps from the 5th (the first are slow: allocation, warm caches) and fits
+# at the 25th, then once more at the 100th, when the cosine has barely left its peak and the estimate is
+# better (a shared machine's speed drifts).
+TIMING_FROM_STEP, FIT_AT_STEPS = 5, (25, 100)
 FINISH_RESERVE_S = 15.0  # samples, checkpoint, plots at the end (besides the final evaluation)
 
 
@@ -277,19 +281,19 @@ def train_loop(
     "done" | "time" (budget) | "signal" | "paused" (reached `stop_at_step`) | "nonfinite"."""
     start = time.monotonic()
     deadline = start + t.cfg.max_time_minutes * 60 if t.cfg.max_time_minutes is not None else math.inf
+    fitting = t.cfg.fit_schedule_to_time and deadline < math.inf and t.state.fitted_total_steps is None
     pause_at = stop_at_step if stop_at_step is not None else math.inf
-    window, steps_run = Window(), 0
+    window, steps_run, timed_from = Window(), 0, start
     while t.state.step < min(t.total_steps, pause_at):
         over_time = t.dist.is_main and time.monotonic() > deadline  # rank 0's clock decides for all
         pausing = t.state.step + 1 >= pause_at
         result = train_step(t, stop.requested or over_time or pausing)
         steps_run += 1
-        if (
-            steps_run == CALIBRATION_STEPS
-            and t.cfg.fit_schedule_to_time
-            and t.state.fitted_total_steps is None
-        ):
-            fit_schedule(t, monitor, (time.monotonic() - start) / steps_run, deadline)
+        if steps_run == TIMING_FROM_STEP:
+            timed_from = time.monotonic()
+        if fitting and steps_run in FIT_AT_STEPS:
+            step_time = (time.monotonic() - timed_from) / (steps_run - TIMING_FROM_STEP)
+            fit_schedule(t, monitor, step_time, deadline)
         if result.skipped:
             t.state.nonfinite_in_a_row += 1
             if t.dist.is_main:
@@ -306,11 +310,11 @@ def train_loop(
 
 
 def fit_schedule(t: Trainer, monitor: Monitor | None, step_time: float, deadline: float) -> None:
-    """Shorten the schedule to the steps that fit before `deadline` (rank 0 decides, all ranks follow).
+    """Set the schedule's length to the steps that fit before `deadline` (rank 0 decides, all ranks follow),
+    at most the configured length.
 
     Costs in units of one training step: evaluation forwards count 1/3 (no backward); the final full
-    evaluation, samples, checkpoint and plots are reserved up front. `step_time` includes the slow first
-    steps, a margin of its own.
+    evaluation, samples, checkpoint and plots are reserved up front; 5 % margin.
     """
     cfg, per_step_tokens = t.cfg, t.tokens_per_step
     eval_share = (
@@ -321,7 +325,7 @@ def fit_schedule(t: Trainer, monitor: Monitor | None, step_time: float, deadline
     final_s = len(t.data.tokens("val")) / per_step_tokens / 3 * step_time + FINISH_RESERVE_S
     spare_s = (deadline - time.monotonic() - final_s) * 0.95
     fitted = t.state.step + max(int(spare_s / (step_time * (1 + eval_share))), 1)
-    total = D.broadcast_object(min(t.total_steps, fitted), t.dist)
+    total = D.broadcast_object(min(total_steps(cfg, t.loader), fitted), t.dist)
     set_total_steps(t, total)
     if monitor is not None:
         monitor.bar.total = total
@@ -339,7 +343,9 @@ def after_step(
         record = window.record(t, peak_flops)
         if monitor is not None:
             monitor.log(record | resource_usage(monitor.process, t.device))
-            monitor.print(format_train(record, t.total_steps))
+            monitor.print(
+                format_train(record, t.total_steps, show_mfu=t.device.type == "cuda" or bool(cfg.peak_flops))
+            )
         window = Window()
     if step >= t.total_steps:
         return window
@@ -370,10 +376,12 @@ def run_eval(t: Trainer, monitor: Monitor | None, max_batches: int | None, *, sa
 
 
 def run_samples(t: Trainer, monitor: Monitor | None) -> list[str]:
-    """Samples from the fixed prompts: rank 0 alone (all ranks under FSDP2, whose forward is collective)."""
-    if not (t.dist.is_main or t.fsdp):
+    """Samples from the fixed prompts, on rank 0 only. Under FSDP2 the full weights are gathered (every rank
+    takes part) into a plain copy: the engine's cached decoding then never runs through sharded modules."""
+    state = D.full_model_state(t.model) if t.fsdp else None
+    if not t.dist.is_main:
         return []
-    model = t.model if t.fsdp else t.raw_model
+    model = t.raw_model if state is None else plain_copy(t, state)
     texts = generate_samples(model, t.data.tokenizer, t.cfg, seed=t.cfg.seed)
     model.train()
     if monitor is not None:
@@ -382,11 +390,23 @@ def run_samples(t: Trainer, monitor: Monitor | None) -> list[str]:
     return texts
 
 
+def plain_copy(t: Trainer, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    from deepseek_lm.model import get_model
+
+    devices = [t.device] if t.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # initialisation must not advance the training RNGs
+        model = get_model(t.model_config, device=t.device)
+    ckpt.load_model_weights(model, state, t.model_config, t.run_dir)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------
 # log lines
 
 
-def format_train(r: dict[str, Any], total_steps: int) -> str:
+def format_train(r: dict[str, Any], total_steps: int, show_mfu: bool = True) -> str:
+    """One log line. MFU is left out on a CPU without a given peak: a shared CPU's measured matmul peak
+    drifts with the load, so the ratio is noise there (metrics.jsonl still has it)."""
     parts = [
         f"step {r['step']:>{len(str(total_steps))}}/{total_steps}",
         f"loss {r['loss']:.4f}",
@@ -394,7 +414,7 @@ def format_train(r: dict[str, Any], total_steps: int) -> str:
         f"lr {r['lr']:.2e}",
         f"{r['tokens_per_s']:,.0f} tok/s",
     ]
-    if "mfu" in r:
+    if show_mfu and "mfu" in r:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     if "load_imbalance" in r:
         parts.append(f"expert load max/mean {max(r['load_imbalance']):.2f}")

@@ -56,19 +56,22 @@ def resource_usage(process: psutil.Process, device: torch.device) -> dict[str, f
     return usage
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 4) -> float:
-    """A quick achieved-matmul FLOP/s on `device` (the MFU denominator when no peak is given)."""
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, trials: int = 3) -> float:
+    """A quick achieved-matmul FLOP/s on `device` (the MFU denominator when no peak is given): the best of
+    a few timings, since other processes only ever make a trial slower."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up: kernel selection, allocation
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
+    best = math.inf
+    for _ in range(trials):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         torch.mm(a, b)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 # ---------------------------------------------------------------------------------------------------------

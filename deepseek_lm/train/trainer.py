@@ -105,6 +105,22 @@ def build_model(config: DeepSeekConfig, cfg: TrainConfig, device: torch.device) 
     return model
 
 
+def model_for_run(
+    config: DeepSeekConfig, cfg: TrainConfig, data: Any, device: torch.device, resume_dir: Path | None
+) -> tuple[DeepSeekConfig, nn.Module]:
+    """A fresh model sized to the tokenizer, or the checkpoint's architecture and weights on resume."""
+    if resume_dir is not None:
+        config, _ = ckpt.read_config_json(resume_dir)
+    else:
+        config = fit_vocab(config, data, cfg.vocab_multiple)
+    check_vocab(config, data)
+    model = build_model(config, cfg, device)
+    if resume_dir is not None:
+        state = ckpt.read_model_state(resume_dir, device)
+        ckpt.load_model_weights(model, state, config, resume_dir / ckpt.MODEL_FILE)
+    return config, model
+
+
 def total_steps(cfg: TrainConfig, loader: Any) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -127,15 +143,7 @@ def build_trainer(
     run_dir = Path(run_dir)
     data = open_data(cfg, info)
     resume_dir = ckpt.latest_checkpoint(run_dir, training=True) if resume else None
-    if resume_dir is not None:
-        model_config, _ = ckpt.read_config_json(resume_dir)
-    else:
-        model_config = fit_vocab(model_config, data, cfg.vocab_multiple)
-    check_vocab(model_config, data)
-    raw_model = build_model(model_config, cfg, device)
-    if resume_dir is not None:
-        state = ckpt.read_model_state(resume_dir, device)
-        ckpt.load_model_weights(raw_model, state, model_config, resume_dir / ckpt.MODEL_FILE)
+    model_config, raw_model = model_for_run(model_config, cfg, data, device, resume_dir)
     model = prepare_model(raw_model, cfg, info, device, precision)
     optimizer = build_optimizer(model, cfg, device.type)
     loader = TokenLoader(
