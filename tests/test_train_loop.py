@@ -1,6 +1,7 @@
 """Training end to end on the tiny preset: exact resume, interrupted checkpoint writes, non-finite steps,
 outputs of a run (checkpoints, plots, W&B offline), corrupt checkpoints."""
 
+import itertools
 import shutil
 
 import pytest
@@ -177,26 +178,36 @@ def test_nonfinite_steps_are_skipped_then_the_run_saves_and_stops(data_dir, tmp_
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the time-fitted schedule
+# the time-budget schedule
 
 
-def test_schedule_fitted_to_the_time_budget(data_dir, tmp_path):
-    import time
+class FakeTime:
+    """The loop's clock, advancing one second per reading: the budget runs out after a known step count."""
 
-    from deepseek_lm.train.trainer import build_trainer, restore_trainer_state, trainer_state_dict
+    def __init__(self):
+        self.now = 0.0
 
-    model_config, cfg = tiny_configs(data_dir, max_steps=10_000, eval_every=0, fit_schedule_to_time=True)
-    t = build_trainer(model_config, cfg, tmp_path)
-    val_steps = len(t.data.tokens("val")) / t.tokens_per_step / 3
-    loop.fit_schedule(t, None, step_time=0.01, deadline=time.monotonic() + 60)
-    expected = int((60 - val_steps * 0.01 - loop.FINISH_RESERVE_S) * 0.95 / 0.01)
-    assert abs(t.total_steps - expected) <= 2 and t.state.fitted_total_steps == t.total_steps
-    assert t.scheduler.lr_lambdas[0](t.total_steps - 1) == pytest.approx(cfg.min_lr_ratio)
+    def monotonic(self):
+        self.now += 1.0
+        return self.now
 
-    fresh = build_trainer(model_config, cfg, tmp_path)
-    restore_trainer_state(fresh, trainer_state_dict(t))  # resume keeps the fitted length
-    assert fresh.total_steps == t.total_steps
-    assert fresh.scheduler.lr_lambdas[1](t.total_steps - 1) == pytest.approx(cfg.min_lr_ratio)
+    perf_counter = staticmethod(__import__("time").perf_counter)
+
+
+def test_schedule_by_time_decays_to_the_floor_as_the_budget_ends(data_dir, tmp_path, monkeypatch):
+    model_config, cfg = tiny_configs(
+        data_dir, max_steps=10_000, max_time_minutes=1.0, schedule_by_time=True, eval_every=0, save_every=0
+    )
+    monkeypatch.setattr(loop, "time", FakeTime())
+    result = train(model_config, cfg, tmp_path)
+    assert result.reason == "done" and 10 < result.step < 40  # ~2 fake seconds per step, 45 s usable
+    lrs = [r["lr"] for r in read_metrics(tmp_path, "train")]
+    peak = lrs.index(max(lrs))  # the warmup ramps up while the clock already decays
+    assert peak < cfg.warmup_steps and max(lrs) <= cfg.lr
+    assert all(a < b for a, b in itertools.pairwise(lrs[: peak + 1]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[peak:]))
+    assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    assert ckpt.read_trainer_state(result.checkpoint)["state"]["train_seconds"] > 0
 
 
 def test_bf16_autocast_trains_on_cpu(data_dir, tmp_path):

@@ -20,16 +20,12 @@ import torch
 
 from deepseek_lm import checkpoint as ckpt
 from deepseek_lm.train import distributed as D
+from deepseek_lm.train.budget import TimeBudget
 from deepseek_lm.train.monitor import Monitor, resource_usage
 from deepseek_lm.train.samples import format_samples, generate_samples
-from deepseek_lm.train.trainer import Trainer, save, set_total_steps, total_steps
+from deepseek_lm.train.trainer import Trainer, save
 
 NONFINITE_LIMIT = 3  # non-finite steps in a row before the run saves and stops
-# The time-fitted schedule times steps from the 5th (the first are slow: allocation, warm caches) and fits
-# at the 25th, then once more at the 100th, when the cosine has barely left its peak and the estimate is
-# better (a shared machine's speed drifts).
-TIMING_FROM_STEP, FIT_AT_STEPS = 5, (25, 100)
-FINISH_RESERVE_S = 15.0  # samples, checkpoint, plots at the end (besides the final evaluation)
 
 
 @dataclass
@@ -279,21 +275,16 @@ def train_loop(
 ) -> str:
     """Optimizer steps until done; returns why it stopped:
     "done" | "time" (budget) | "signal" | "paused" (reached `stop_at_step`) | "nonfinite"."""
-    start = time.monotonic()
+    start, clock_before = time.monotonic(), t.state.train_seconds
     deadline = start + t.cfg.max_time_minutes * 60 if t.cfg.max_time_minutes is not None else math.inf
-    fitting = t.cfg.fit_schedule_to_time and deadline < math.inf and t.state.fitted_total_steps is None
+    budget = TimeBudget(t) if t.cfg.schedule_by_time and deadline < math.inf else None
     pause_at = stop_at_step if stop_at_step is not None else math.inf
-    window, steps_run, timed_from = Window(), 0, start
+    window = Window()
     while t.state.step < min(t.total_steps, pause_at):
         over_time = t.dist.is_main and time.monotonic() > deadline  # rank 0's clock decides for all
         pausing = t.state.step + 1 >= pause_at
-        result = train_step(t, stop.requested or over_time or pausing)
-        steps_run += 1
-        if steps_run == TIMING_FROM_STEP:
-            timed_from = time.monotonic()
-        if fitting and steps_run in FIT_AT_STEPS:
-            step_time = (time.monotonic() - timed_from) / (steps_run - TIMING_FROM_STEP)
-            fit_schedule(t, monitor, step_time, deadline)
+        budget_used = budget.set_lr() if budget is not None else False
+        result = train_step(t, stop.requested or over_time or pausing or budget_used)
         if result.skipped:
             t.state.nonfinite_in_a_row += 1
             if t.dist.is_main:
@@ -304,32 +295,10 @@ def train_loop(
             t.state.nonfinite_in_a_row = 0
             window.add(result)
             window = after_step(t, monitor, window, result, peak_flops)
+        t.state.train_seconds = clock_before + time.monotonic() - start
         if result.stop:
-            return "time" if over_time else "paused" if pausing else "signal"
+            return "time" if over_time else "paused" if pausing else "done" if budget_used else "signal"
     return "done" if t.state.step >= t.total_steps else "paused"
-
-
-def fit_schedule(t: Trainer, monitor: Monitor | None, step_time: float, deadline: float) -> None:
-    """Set the schedule's length to the steps that fit before `deadline` (rank 0 decides, all ranks follow),
-    at most the configured length.
-
-    Costs in units of one training step: evaluation forwards count 1/3 (no backward); the final full
-    evaluation, samples, checkpoint and plots are reserved up front; 5 % margin.
-    """
-    cfg, per_step_tokens = t.cfg, t.tokens_per_step
-    eval_share = (
-        cfg.eval_batches * cfg.micro_batch_size * cfg.seq_len / per_step_tokens / 3 / cfg.eval_every
-        if cfg.eval_every
-        else 0.0
-    )
-    final_s = len(t.data.tokens("val")) / per_step_tokens / 3 * step_time + FINISH_RESERVE_S
-    spare_s = (deadline - time.monotonic() - final_s) * 0.95
-    fitted = t.state.step + max(int(spare_s / (step_time * (1 + eval_share))), 1)
-    total = D.broadcast_object(min(total_steps(cfg, t.loader), fitted), t.dist)
-    set_total_steps(t, total)
-    if monitor is not None:
-        monitor.bar.total = total
-        monitor.print(f"schedule fitted to the time budget: {total} steps ({step_time:.2f} s/step so far)")
 
 
 def after_step(

@@ -42,16 +42,29 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+def decay_factor(progress: float, decay: str, floor: float) -> float:
+    """The decay part of the schedule at `progress` ∈ [0, 1] of the post-warmup phase."""
+    progress = min(max(progress, 0.0), 1.0)
+    if decay == "constant":
+        return 1.0
+    if decay == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def lr_factor(step: int, *, warmup: int, total: int, decay: str, floor: float) -> float:
     """The multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then decay."""
     if step < warmup:
         return (step + 1) / warmup
-    if decay == "constant" or total <= warmup:
+    if total <= warmup:
         return 1.0
-    progress = min((step - warmup) / max(total - warmup - 1, 1), 1.0)
-    if decay == "linear":
-        return 1.0 - (1.0 - floor) * progress
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return decay_factor((step - warmup) / max(total - warmup - 1, 1), decay, floor)
+
+
+def lr_factor_by_time(step: int, progress: float, *, warmup: int, decay: str, floor: float) -> float:
+    """The time-budget schedule: warmup over the first steps, decay over the fraction of the budget used."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return warm * decay_factor(progress, decay, floor)
 
 
 def schedule_factor(cfg: TrainConfig, total_steps: int) -> partial:

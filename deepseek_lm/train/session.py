@@ -124,11 +124,20 @@ def header(t: Trainer, resolved: dict[str, Any]) -> str:
         f"data {t.data.path}: {manifest['splits']['train']['tokens']:,} train / "
         f"{manifest['splits']['val']['tokens']:,} val tokens"
         + (f" · xz -9 baseline {xz:.3f} bits/byte" if xz is not None else ""),
-        f"schedule: {t.total_steps} steps (≈ {epochs:.2f} epochs), lr {cfg.lr:g}, warmup {cfg.warmup_steps}, "
-        f"{cfg.decay} to {cfg.lr * cfg.min_lr_ratio:g}"
-        + (f", at most {cfg.max_time_minutes:g} min" if cfg.max_time_minutes else ""),
+        schedule_line(t, epochs),
     ]
     return "\n".join(lines)
+
+
+def schedule_line(t: Trainer, epochs: float) -> str:
+    cfg = t.cfg
+    lrs = f"lr {cfg.lr:g}, warmup {cfg.warmup_steps} steps, {cfg.decay} to {cfg.lr * cfg.min_lr_ratio:g}"
+    if cfg.schedule_by_time and cfg.max_time_minutes:
+        return (
+            f"schedule: {lrs} over the {cfg.max_time_minutes:g}-minute budget (at most {t.total_steps} steps)"
+        )
+    budget = f", at most {cfg.max_time_minutes:g} min" if cfg.max_time_minutes else ""
+    return f"schedule: {t.total_steps} steps (≈ {epochs:.2f} epochs), {lrs}{budget}"
 
 
 def make_monitor(t: Trainer) -> Monitor:

@@ -22,7 +22,7 @@ from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.errors import UserError
 from deepseek_lm.train import distributed as D
 from deepseek_lm.train.config import TrainConfig, padded_vocab
-from deepseek_lm.train.optim import build_optimizer, build_scheduler, schedule_factor
+from deepseek_lm.train.optim import build_optimizer, build_scheduler
 from deepseek_lm.train.precision import Precision, choose_device, choose_precision
 
 
@@ -35,7 +35,7 @@ class TrainState:
     tokens_seen: int = 0
     nonfinite_in_a_row: int = 0
     wandb_id: str | None = None
-    fitted_total_steps: int | None = None  # the schedule's length once fitted to the time budget
+    train_seconds: float = 0.0  # wall-clock seconds in the training loop, over all invocations
 
 
 @dataclass
@@ -232,16 +232,8 @@ def trainer_state_dict(t: Trainer) -> dict[str, Any]:
     }
 
 
-def set_total_steps(t: Trainer, total: int) -> None:
-    """Change the schedule's length mid-run (the time-fitted schedule); the next lr follows it."""
-    t.total_steps = t.state.fitted_total_steps = total
-    t.scheduler.lr_lambdas = [schedule_factor(t.cfg, total)] * len(t.optimizer.param_groups)
-
-
 def restore_trainer_state(t: Trainer, saved: dict[str, Any]) -> None:
     t.state = TrainState(**saved["state"])
-    if t.state.fitted_total_steps is not None:
-        set_total_steps(t, t.state.fitted_total_steps)
     D.load_optimizer_state(t.model, t.optimizer, saved["optimizer"])
     t.scheduler.load_state_dict(saved["scheduler"])
     t.scaler.load_state_dict(saved["scaler"])

@@ -1,0 +1,49 @@
+"""The time-budget schedule (`train.schedule_by_time` with `train.max_time_minutes`).
+
+Warmup counts steps; the decay then follows the fraction of the wall-clock budget used, so the learning
+rate reaches its floor exactly when the budget ends, however fast the machine is and however its speed
+drifts (a CPU shared with other jobs). End-of-run work (the final evaluation, samples, checkpoint, plots)
+is reserved from the budget up front. Rank 0's clock decides; its reading is broadcast each step so that
+every rank uses the same learning rate. The price: learning rates depend on timing, so two runs are not
+identical step for step; resume continues the run's training clock (`TrainState.train_seconds`).
+"""
+
+from __future__ import annotations
+
+from deepseek_lm.train import distributed as D
+from deepseek_lm.train.optim import lr_factor_by_time
+from deepseek_lm.train.trainer import Trainer
+
+FINISH_RESERVE_S = 15.0  # samples, checkpoint and plots at the end, besides the final evaluation
+
+
+class TimeBudget:
+    """The run's training clock is `TrainState.train_seconds`, which the loop advances after every step."""
+
+    def __init__(self, t: Trainer) -> None:
+        self.t = t
+        self.seconds_before = t.state.train_seconds  # > 0 on resume
+        self.total_s = t.cfg.max_time_minutes * 60
+        self.steps = 0
+
+    def progress(self) -> float:
+        """Fraction of the budget used, the end-of-run work reserved (estimated from the mean step time)."""
+        t = self.t
+        step_time = (t.state.train_seconds - self.seconds_before) / self.steps if self.steps else 0.0
+        # the final evaluation is forward-only over the validation split: ~1/3 of a training step per batch
+        final_eval_s = len(t.data.tokens("val")) / t.tokens_per_step / 3 * step_time
+        usable_s = max(self.total_s - final_eval_s - FINISH_RESERVE_S, 1e-9)
+        return t.state.train_seconds / usable_s
+
+    def set_lr(self) -> bool:
+        """Set the coming step's learning rate; True when the budget is used up (make it the last step)."""
+        t = self.t
+        progress = D.broadcast_object(self.progress() if t.dist.is_main else None, t.dist)
+        cfg = t.cfg
+        factor = lr_factor_by_time(
+            t.state.step, progress, warmup=cfg.warmup_steps, decay=cfg.decay, floor=cfg.min_lr_ratio
+        )
+        for group in t.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        self.steps += 1
+        return progress >= 1.0
