@@ -114,6 +114,22 @@ def test_linear_cross_entropy_edge_cases():
     assert w.grad is not None and h2.grad is None
 
 
+def test_linear_cross_entropy_exact_for_a_vanishing_target_probability():
+    """A target ~200 nats under the best logit: its probability underflows in fp32; the loss stays exact."""
+    h = torch.randn(5, 16, requires_grad=True)
+    w = torch.randn(40, 16)
+    w[3] = -20 * h.detach()[2] / h.detach()[2].norm()  # row 2's logit for token 3: about -20·|h|
+    w[7] = 20 * h.detach()[2] / h.detach()[2].norm()
+    w.requires_grad_()
+    y = torch.tensor([1, 2, 3, 4, -100])
+    got = linear_cross_entropy(h, w, y, chunk_rows=2)
+    want = F.cross_entropy(h @ w.t(), y)
+    assert torch.softmax(h @ w.t(), -1)[2, 3] == 0  # underflowed: -log p alone would be wrong
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-6)
+    for g, wg in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))):
+        torch.testing.assert_close(g, wg, atol=1e-6, rtol=1e-5)
+
+
 def test_model_loss_equals_cross_entropy_of_logits(tiny_config):
     model = get_model(tiny_config).eval()
     ids = torch.randint(0, 512, (2, 12))
