@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# the built-in demo: prepare the built-in corpus (once), train the seed architecture for ~7 minutes on
+# CPU, evaluate, print samples, save under runs/demo
+train: setup
+	$(PY) -m deepseek_lm train
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
