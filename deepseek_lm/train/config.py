@@ -133,11 +133,11 @@ class TrainConfig:
 
 
 # A preset: the model preset it trains, and its overrides of TrainConfig's defaults.
-# demo: the seed architecture, 7 minutes of training on 2 CPU cores (final evaluation included). The seed's lr 1e-4 with 1000 warmup
-#   steps learns almost nothing in a few hundred steps. Measured after 150 steps of 8 × 128 tokens: val loss
-#   6.10 (lr 1e-3), 5.88 (3e-3), 5.86 (6e-3). So lr 6e-3, 50 warmup steps, then cosine to 10 % over the
-#   time budget (however fast the machine); small batches without accumulation buy many more optimizer
-#   steps than the seed's 32 × 256 tokens.
+# demo: the seed architecture, 7 minutes of training on 2 CPU cores (final evaluation included). The
+#   seed's lr 1e-4 with 1000 warmup steps learns almost nothing in a few hundred steps. Measured after 150
+#   steps of 8 × 128 tokens: val loss 6.10 (lr 1e-3), 5.88 (3e-3), 5.86 (6e-3). So lr 6e-3, 50 warmup
+#   steps, then cosine to 10 % over the time budget (however fast the machine); small batches without
+#   accumulation buy many more optimizer steps than the seed's 32 × 256 tokens.
 # fmt: off
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(model="seed"),
