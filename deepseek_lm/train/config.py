@@ -70,7 +70,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30 % more compute)."""
     fsdp: bool = False
-    """Shard parameters, gradients and optimizer state with FSDP2 (GPUs under torchrun)."""
+    """Shard parameters, gradients and optimizer state with FSDP2 (for GPUs; also runs on CPU over gloo)."""
     dist_timeout_s: float = 600.0
     """How long a collective may wait for another process before this one fails."""
 
