@@ -64,21 +64,43 @@ FIGURES = (  # (key, label, format, better): the table's rows and the JSON keys 
 @dataclass
 class BenchConfig:
     preset: str = "seed"
-    compare_hf: bool = False  # also measure transformers' DeepseekV3ForCausalLM (needs transformers)
-    json: str | None = None  # write the results here
-    device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False  # torch.compile each block for training (both implementations)
+    compare_hf: bool = False
+    json: str | None = None
+    device: str = "auto"
+    compile: bool = False
     batch_size: int = 4
     seq_len: int = 256
-    steps: int = 6  # timed training steps per round
-    warmup: int = 2  # untimed training steps per round
-    rounds: int = 3  # alternations ours / transformers
+    steps: int = 6
+    warmup: int = 2
+    rounds: int = 3
     prompt_len: int = 32
-    new_tokens: int = 128  # decoded after the short prompt
+    new_tokens: int = 128
     decode_batch: int = 8
-    ctx_len: int = 2048  # the long-context decode fills this much: prompt = ctx_len - ctx_new_tokens
+    ctx_len: int = 2048
     ctx_new_tokens: int = 64
     seed: int = 0
+    threads: int = 0
+
+
+HELP = {  # the command line's help, by BenchConfig field
+    "preset": "model preset: tiny, seed, 100m, 1b",
+    "compare_hf": "also measure transformers' DeepseekV3ForCausalLM, alternating with ours",
+    "json": "write the results to this JSON file",
+    "device": "auto, cpu or cuda",
+    "compile": "torch.compile each block for training (both implementations)",
+    "batch_size": "training micro-batch (rows)",
+    "seq_len": "training sequence length",
+    "steps": "timed training steps per round",
+    "warmup": "untimed training steps per round",
+    "rounds": "alternations ours / transformers; figures are medians over rounds",
+    "prompt_len": "prompt length of the short-prompt decode figures",
+    "new_tokens": "tokens decoded after the short prompt",
+    "decode_batch": "rows of the batched decode figure",
+    "ctx_len": "the long-context decode fills this many positions (prompt = ctx_len - ctx_new_tokens)",
+    "ctx_new_tokens": "tokens decoded in the long-context figure",
+    "seed": "seed of the weights and the token ids",
+    "threads": "torch threads in every process (0: torch's default, one per core)",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,15 +113,13 @@ def build_parser():
     parser = ArgumentParser(
         prog="deepseek-lm bench", description=__doc__.split("\n\n")[0], exit_on_error=False
     )
-    d = BenchConfig()
-    parser.add_argument("--preset", type=str, default=d.preset, help="model preset (tiny, seed, 100m, 1b)")
-    parser.add_argument("--compare-hf", action="store_true", help="side by side with transformers")
-    parser.add_argument("--json", type=str | None, default=None, help="write the results as JSON here")
-    parser.add_argument("--device", type=str, default=d.device, help="auto, cpu or cuda")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks for training")
-    for name in ["batch_size", "seq_len", "steps", "warmup", "rounds", "prompt_len", "new_tokens",
-                 "decode_batch", "ctx_len", "ctx_new_tokens", "seed"]:  # fmt: skip
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name, default in asdict(BenchConfig()).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=HELP[name])
+        else:
+            kind = type(default) if default is not None else str | None
+            parser.add_argument(flag, type=kind, default=default, help=HELP[name])
     return parser
 
 
@@ -114,6 +134,8 @@ def parse(argv: list[str]) -> BenchConfig:
     for name in ["batch_size", "seq_len", "steps", "rounds", "prompt_len", "new_tokens", "decode_batch"]:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(cfg, name)})")
+    if cfg.warmup < 0 or cfg.threads < 0:
+        raise UserError("--warmup and --threads must be >= 0")
     DeepSeekConfig.from_preset(cfg.preset)  # an unknown preset is a ConfigError (a UserError)
     if cfg.ctx_new_tokens < 2 or cfg.new_tokens < 2:
         raise UserError("--new-tokens and --ctx-new-tokens must be >= 2 (decode speed needs two lengths)")
@@ -147,6 +169,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = _log) -> dict[str, 
     """Measure every figure of `cfg`; -> {"ours", "hf" (None without compare_hf), "ratio", "machine", "settings"}."""
     device = _device(cfg.device)
     config = DeepSeekConfig.from_preset(cfg.preset)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.compare_hf:
         _require_transformers()
     impls = ["ours", "hf"] if cfg.compare_hf else ["ours"]
@@ -265,8 +289,8 @@ def _git_commit() -> dict[str, Any]:
     try:
         commit = git("rev-parse", "--short", "HEAD").strip()
         dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+    except (OSError, subprocess.CalledProcessError):  # not a checkout (a copied tree): the caller may say
+        return {"commit": os.environ.get("DEEPSEEK_LM_COMMIT"), "dirty": None}
     return {"commit": commit, "dirty": dirty}
 
 
@@ -283,7 +307,7 @@ def measure_training(
     for r in range(cfg.rounds):
         for impl in impls:
             job = dict(impl=impl, config=config.to_dict(), weights=str(weights), device=str(device),
-                       compile=cfg.compile, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                       compile=cfg.compile, threads=cfg.threads, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                        steps=cfg.steps, warmup=cfg.warmup, seed=cfg.seed)  # fmt: skip
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 res = pool.submit(_train_worker, job).result()
@@ -314,6 +338,8 @@ def _train_summary(rounds: list[dict], tokens: int) -> dict[str, float]:
 def _train_worker(job: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: build the model and optimizer, run warmup + timed steps, report times and memory."""
     device = torch.device(job["device"])
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
     config = DeepSeekConfig.from_dict(job["config"])
     if job["impl"] == "hf":
         import transformers  # noqa: F401  imported before the baseline: a library is not training memory
