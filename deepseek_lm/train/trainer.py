@@ -176,6 +176,11 @@ def prepare_model(
     if cfg.gradient_checkpointing:
         raw_model.gradient_checkpointing = True
     if cfg.compile:
+        if precision.name != "bf16":
+            # torch's meta kernel of _grouped_mm, which compile traces, accepts only bf16 (2.13): other
+            # precisions take the experts' per-expert path
+            for moe in raw_model.moe_layers():
+                moe.experts.use_grouped_mm = False
         # Compile block by block in place: parameter names stay those of the model (no `_orig_mod.`), and
         # each block's graph is reused across layers.
         for layer in raw_model.layers:
