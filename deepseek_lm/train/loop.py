@@ -194,6 +194,9 @@ class Window:
     """Sums over the steps since the last log record."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.start = time.perf_counter()
         self.steps = 0
         self.loss = self.aux = self.grad_norm = self.lr = 0.0
@@ -275,11 +278,25 @@ def train_loop(
 ) -> str:
     """Optimizer steps until done; returns why it stopped:
     "done" | "time" (budget) | "signal" | "paused" (reached `stop_at_step`) | "nonfinite"."""
+    window = Window()
+    reason = run_steps(t, monitor, stop, window, peak_flops, stop_at_step)
+    if window.steps:  # the last, partial log window
+        log_window(t, monitor, window, peak_flops)
+    return reason
+
+
+def run_steps(
+    t: Trainer,
+    monitor: Monitor | None,
+    stop: StopSignal,
+    window: Window,
+    peak_flops: float | None,
+    stop_at_step: int | None,
+) -> str:
     start, clock_before = time.monotonic(), t.state.train_seconds
     deadline = start + t.cfg.max_time_minutes * 60 if t.cfg.max_time_minutes is not None else math.inf
     budget = TimeBudget(t) if t.cfg.schedule_by_time and deadline < math.inf else None
     pause_at = stop_at_step if stop_at_step is not None else math.inf
-    window = Window()
     while t.state.step < min(t.total_steps, pause_at):
         over_time = t.dist.is_main and time.monotonic() > deadline  # rank 0's clock decides for all
         pausing = t.state.step + 1 >= pause_at
@@ -294,7 +311,7 @@ def train_loop(
         else:
             t.state.nonfinite_in_a_row = 0
             window.add(result)
-            window = after_step(t, monitor, window, result, peak_flops)
+            after_step(t, monitor, window, result, peak_flops)
         t.state.train_seconds = clock_before + time.monotonic() - start
         if result.stop:
             return "time" if over_time else "paused" if pausing else "done" if budget_used else "signal"
@@ -303,28 +320,30 @@ def train_loop(
 
 def after_step(
     t: Trainer, monitor: Monitor | None, window: Window, result: StepResult, peak_flops: float | None
-) -> Window:
+) -> None:
     """Periodic logging, evaluation, checkpoints and samples; the final step's are the caller's."""
     step, cfg = t.state.step, t.cfg
     if monitor is not None:
         monitor.advance(step, result.loss, result.lr, t.tokens_per_step / max(window.step_time(), 1e-9))
-    if step % cfg.log_every == 0 or step == t.total_steps:
-        record = window.record(t, peak_flops)
-        if monitor is not None:
-            monitor.log(record | resource_usage(monitor.process, t.device))
-            monitor.print(
-                format_train(record, t.total_steps, show_mfu=t.device.type == "cuda" or bool(cfg.peak_flops))
-            )
-        window = Window()
+    if step % cfg.log_every == 0:
+        log_window(t, monitor, window, peak_flops)
     if step >= t.total_steps:
-        return window
+        return
     if _due(step, cfg.eval_every):
         run_eval(t, monitor, cfg.eval_batches, save_if_best=True)
     elif _due(step, cfg.save_every):
         save(t)
     if _due(step, cfg.sample_every):
         run_samples(t, monitor)
-    return window
+
+
+def log_window(t: Trainer, monitor: Monitor | None, window: Window, peak_flops: float | None) -> None:
+    record = window.record(t, peak_flops)
+    if monitor is not None:
+        monitor.log(record | resource_usage(monitor.process, t.device))
+        show_mfu = t.device.type == "cuda" or bool(t.cfg.peak_flops)
+        monitor.print(format_train(record, t.total_steps, show_mfu=show_mfu))
+    window.reset()
 
 
 def _due(step: int, every: int) -> bool:

@@ -54,8 +54,10 @@ def plot_expert_load(load: np.ndarray, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_experts + 2), max(2.5, 0.45 * n_layers + 1.5)))
     image = ax.imshow(load, cmap="viridis", aspect="auto", vmin=0)
     if n_layers * n_experts <= 256:
+        middle = load.max() / 2
         for (i, j), share in np.ndenumerate(load):
-            ax.text(j, i, f"{share:.2f}", ha="center", va="center", fontsize=7, color="w")
+            color = "k" if share > middle else "w"  # dark text on viridis' light end
+            ax.text(j, i, f"{share:.2f}", ha="center", va="center", fontsize=7, color=color)
     ax.set(
         xlabel="routed expert",
         ylabel="MoE layer",
