@@ -21,7 +21,14 @@ import torch
 from deepseek_lm import checkpoint as ckpt
 from deepseek_lm.train import distributed as D
 from deepseek_lm.train.budget import TimeBudget
-from deepseek_lm.train.monitor import Monitor, resource_usage
+from deepseek_lm.train.monitor import (
+    Monitor,
+    Window,
+    bits_per_byte,
+    format_eval,
+    format_train,
+    resource_usage,
+)
 from deepseek_lm.train.samples import format_samples, generate_samples
 from deepseek_lm.train.trainer import Trainer, save
 
@@ -182,80 +189,6 @@ def evaluate(t: Trainer, max_batches: int | None) -> dict[str, float]:
     }
 
 
-def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
-    return loss_nats_per_token / math.log(2) / bytes_per_token
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the log window
-
-
-class Window:
-    """Sums over the steps since the last log record."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.start = time.perf_counter()
-        self.steps = 0
-        self.loss = self.aux = self.grad_norm = self.lr = 0.0
-        self.counts_LE: torch.Tensor | None = None
-        self.dropped_L: torch.Tensor | None = None
-        self.entropy_L: torch.Tensor | None = None
-
-    def add(self, r: StepResult) -> None:
-        self.steps += 1
-        self.loss += r.loss
-        self.aux += r.aux_loss
-        self.grad_norm += r.grad_norm
-        self.lr = r.lr  # the window's last
-        if r.counts_LE is not None:
-            first = self.counts_LE is None
-            self.counts_LE = r.counts_LE.clone() if first else self.counts_LE + r.counts_LE
-            self.dropped_L = r.dropped_L.clone() if first else self.dropped_L + r.dropped_L
-            self.entropy_L = r.entropy_L.clone() if first else self.entropy_L + r.entropy_L
-
-    def step_time(self) -> float:
-        return (time.perf_counter() - self.start) / max(self.steps, 1)
-
-    def record(self, t: Trainer, peak_flops: float | None) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.start
-        tokens_per_s = self.steps * t.tokens_per_step / elapsed
-        loss = self.loss / self.steps
-        record = {
-            "kind": "train",
-            "step": t.state.step,
-            "loss": loss,
-            "aux_loss": self.aux / self.steps,
-            "bits_per_byte": bits_per_byte(loss, t.data.bytes_per_token("train")),
-            "lr": self.lr,
-            "grad_norm": self.grad_norm / self.steps,
-            "tokens": t.state.tokens_seen,
-            "tokens_per_s": tokens_per_s,
-            "step_time_s": elapsed / self.steps,
-        }
-        if peak_flops:
-            flops = t.raw_model.flops_per_token(t.cfg.seq_len) * tokens_per_s
-            record["mfu"] = flops / (peak_flops * t.dist.world_size)
-        if self.counts_LE is not None:
-            record.update(
-                expert_stats(self.counts_LE, self.dropped_L / self.steps, self.entropy_L / self.steps)
-            )
-        return record
-
-
-def expert_stats(counts_LE: torch.Tensor, dropped_L: torch.Tensor, entropy_L: torch.Tensor) -> dict[str, Any]:
-    share_LE = counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp(min=1)
-    return {
-        "expert_load": share_LE.tolist(),
-        # max / mean load per layer: 1.0 is perfectly balanced, E means one expert takes everything
-        "load_imbalance": (share_LE.max(dim=1).values * share_LE.shape[1]).tolist(),
-        "dropped_frac": dropped_L.tolist(),
-        "router_entropy": entropy_L.tolist(),
-    }
-
-
 def warn_nonfinite(t: Trainer, r: StepResult) -> None:
     warnings.warn(
         f"step {t.state.step + 1}: non-finite loss or gradients (loss {r.loss}, aux {r.aux_loss}); "
@@ -386,32 +319,3 @@ def plain_copy(t: Trainer, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         model = get_model(t.model_config, device=t.device)
     ckpt.load_model_weights(model, state, t.model_config, t.run_dir)
     return model
-
-
-# ---------------------------------------------------------------------------------------------------------
-# log lines
-
-
-def format_train(r: dict[str, Any], total_steps: int, show_mfu: bool = True) -> str:
-    """One log line. MFU is left out on a CPU without a given peak: a shared CPU's measured matmul peak
-    drifts with the load, so the ratio is noise there (metrics.jsonl still has it)."""
-    parts = [
-        f"step {r['step']:>{len(str(total_steps))}}/{total_steps}",
-        f"loss {r['loss']:.4f}",
-        f"{r['bits_per_byte']:.3f} bits/byte",
-        f"lr {r['lr']:.2e}",
-        f"{r['tokens_per_s']:,.0f} tok/s",
-    ]
-    if show_mfu and "mfu" in r:
-        parts.append(f"mfu {100 * r['mfu']:.1f}%")
-    if "load_imbalance" in r:
-        parts.append(f"expert load max/mean {max(r['load_imbalance']):.2f}")
-    return " | ".join(parts)
-
-
-def format_eval(m: dict[str, float], xz_bpb: float | None, step: int) -> str:
-    xz = f" (xz -9: {xz_bpb:.3f})" if xz_bpb is not None else ""
-    return (
-        f"eval step {step}: val loss {m['loss']:.4f} | perplexity {m['perplexity']:.1f} | "
-        f"{m['bits_per_byte']:.3f} bits/byte{xz}"
-    )
