@@ -91,10 +91,12 @@ def prepare_run_dir(t: Trainer, resume: bool, preset: str | None) -> None:
     """Refuse to mix two runs in one directory; on resume drop metrics the resumed steps will re-log."""
     t.run_dir.mkdir(parents=True, exist_ok=True)
     if t.resumed_from is None and ckpt.list_checkpoints(t.run_dir):
+        hint = "none of them has a trainer_state.pt to resume from" if resume else "pass --resume to continue"
         raise UserError(
-            f"{t.run_dir} already holds checkpoints of another run: pass --resume to continue it, "
-            "or choose another --out"
+            f"{t.run_dir} already holds checkpoints of another run ({hint}); choose another --out"
         )
+    if resume and t.resumed_from is None:
+        print(f"nothing to resume in {t.run_dir}: starting from scratch", flush=True)
     if t.resumed_from is not None:
         truncate_metrics(t.run_dir, t.state.step)
     elif (t.run_dir / "metrics.jsonl").exists():
