@@ -167,25 +167,32 @@ def train_step(t: Trainer, stop_requested: bool) -> StepResult:
 
 @torch.no_grad()
 def evaluate(t: Trainer, max_batches: int | None) -> dict[str, float]:
-    """Validation loss, perplexity and bits per byte. Every rank evaluates the same windows (deterministic),
-    so the result needs no reduction and FSDP2's collectives line up."""
+    """Validation loss, perplexity and bits per byte over the first `max_batches` batches (all: None).
+
+    `selection_loss` is the loss over the first `eval_batches` batches, the set every periodic evaluation
+    scores, so that the best checkpoint is chosen by one yardstick. Every rank evaluates the same windows
+    (deterministic): no reduction is needed, and FSDP2's collectives line up.
+    """
     from deepseek_lm.data import eval_batches
 
     model = t.model if t.fsdp else t.raw_model  # DDP's wrapper is for training only
     model.eval()
-    total, count = 0.0, 0
-    for x, y in eval_batches(t.data.tokens("val"), t.cfg.seq_len, t.cfg.micro_batch_size, max_batches):
+    total = count = selection_total = selection_count = 0.0  # Σ loss·tokens and Σ tokens
+    batches = eval_batches(t.data.tokens("val"), t.cfg.seq_len, t.cfg.micro_batch_size, max_batches)
+    for i, (x, y) in enumerate(batches):
         with t.precision.autocast():
             out = model(x.to(t.device), targets=y.to(t.device))
-        total += out.loss.item() * y.numel()
-        count += y.numel()
+        total, count = total + out.loss.item() * y.numel(), count + y.numel()
+        if i < t.cfg.eval_batches:
+            selection_total, selection_count = total, count
     model.train()
     loss = total / max(count, 1)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "bits_per_byte": bits_per_byte(loss, t.data.bytes_per_token("val")),
-        "tokens": count,
+        "tokens": int(count),
+        "selection_loss": selection_total / max(selection_count, 1),
     }
 
 
@@ -285,9 +292,9 @@ def _due(step: int, every: int) -> bool:
 
 def run_eval(t: Trainer, monitor: Monitor | None, max_batches: int | None, *, save_if_best: bool) -> dict:
     metrics = evaluate(t, max_batches)
-    is_best = metrics["loss"] < t.state.best_val_loss
+    is_best = metrics["selection_loss"] < t.state.best_val_loss
     if is_best:
-        t.state.best_val_loss = metrics["loss"]
+        t.state.best_val_loss = metrics["selection_loss"]
     if monitor is not None:
         monitor.log({"kind": "eval", "step": t.state.step, **metrics, "full": max_batches is None})
         monitor.print(format_eval(metrics, t.data.manifest.get("xz_bits_per_byte"), t.state.step))
