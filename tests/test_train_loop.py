@@ -56,6 +56,8 @@ def test_run_writes_checkpoints_metrics_and_plots(full_run):
     )
     evals = read_metrics(run_dir, "eval")
     assert [r["step"] for r in evals] == [4, 8] and evals[-1]["full"]
+    assert evals[0]["selection_loss"] == evals[0]["loss"]  # periodic: exactly the selection batches
+    assert evals[-1]["tokens"] > evals[0]["tokens"]  # final: the whole split
     assert read_metrics(run_dir, "sample")[-1]["texts"]
     assert full_run.val["bits_per_byte"] == evals[-1]["bits_per_byte"]
 
