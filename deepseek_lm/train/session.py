@@ -184,7 +184,9 @@ def summary(t: Trainer, r: TrainResult) -> str:
     if xz is not None:
         verdict = f" · xz -9: {xz:.3f} bits/byte → {'beats' if bpb < xz else 'does not beat'} xz"
     minutes, seconds = divmod(round(r.elapsed_s), 60)
-    best = ckpt.resolve_checkpoint(t.run_dir)
+    best = ckpt.resolve_checkpoint(t.run_dir)  # the `best` link resolves to an absolute path
+    if best.is_relative_to(t.run_dir.resolve()):
+        best = t.run_dir / best.relative_to(t.run_dir.resolve())
     return "\n".join(
         [
             f"{STOP_MESSAGES[r.reason]} at step {r.step}/{t.total_steps} in {minutes}m{seconds:02d}s",
