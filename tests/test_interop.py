@@ -285,7 +285,7 @@ def trained_ckpt(tmp_path_factory) -> Path:
     from pydoc_data.topics import topics
 
     from deepseek_lm.checkpoint import resolve_checkpoint
-    from deepseek_lm.data.prepare import PrepareConfig, prepare
+    from deepseek_lm.data.preparation import PrepareConfig, prepare
     from deepseek_lm.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trained")

@@ -6,8 +6,8 @@ import pytest
 
 from deepseek_lm.cli import main
 from deepseek_lm.data import DataError
-from deepseek_lm.data import prepare as prep
-from deepseek_lm.data.prepare import PrepareConfig, PreparedData, bits_per_byte, prepare, prepare_builtin
+from deepseek_lm.data import preparation as prep
+from deepseek_lm.data.preparation import PrepareConfig, PreparedData, bits_per_byte, prepare, prepare_builtin
 
 CONTRACT_KEYS = {
     "source", "tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_token_id", "pad_token_id",
@@ -264,3 +264,10 @@ def test_invalid_utf8_warns_on_one_line(tmp_path, capsys):
         f"deepseek-lm prepare: warning: replaced 300 invalid UTF-8 byte sequence(s) with U+FFFD in 1 file(s): {tmp_path / 'a.txt'}"
     ]
     assert np.asarray(PreparedData.open(tmp_path / "o").tokens("train")).size > 0
+
+
+def test_prepare_name_is_the_function_even_after_the_module_loads():
+    import deepseek_lm.data.preparation  # noqa: F401
+    from deepseek_lm.data import prepare as prepare_fn
+
+    assert callable(prepare_fn) and prepare_fn.__name__ == "prepare"

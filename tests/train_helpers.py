@@ -30,7 +30,7 @@ WORDS = [
 
 def make_tiny_data(root: Path) -> Path:
     """~200 KB of word salad, prepared with a 300-token BPE by the data library (about a second)."""
-    from deepseek_lm.data.prepare import PrepareConfig, prepare
+    from deepseek_lm.data.preparation import PrepareConfig, prepare
 
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(120)) + "." for _ in range(300)]

@@ -21,12 +21,12 @@ class DataError(UserError):
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "PreparedData": "prepare",
-    "PrepareConfig": "prepare",
-    "prepare": "prepare",
-    "prepare_builtin": "prepare",
-    "default_data_dir": "prepare",
-    "bits_per_byte": "prepare",
+    "PreparedData": "preparation",
+    "PrepareConfig": "preparation",
+    "prepare": "preparation",
+    "prepare_builtin": "preparation",
+    "default_data_dir": "preparation",
+    "bits_per_byte": "preparation",
     "TokenLoader": "loader",
     "eval_batches": "loader",
     "load_tokenizer": "tokenizer",

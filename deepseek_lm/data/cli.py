@@ -14,7 +14,7 @@ import typing
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-from deepseek_lm.data.prepare import PrepareConfig, PreparedData, prepare
+from deepseek_lm.data.preparation import PrepareConfig, PreparedData, prepare
 
 
 def build_parser() -> ArgumentParser:

@@ -90,7 +90,7 @@ def evaluate_tokens(
 ) -> tuple[float, float, int]:  # fmt: skip
     """(loss, bits per byte, tokens scored) over the deterministic windows of a token array."""
     from deepseek_lm.data import eval_batches
-    from deepseek_lm.data.prepare import bits_per_byte
+    from deepseek_lm.data.preparation import bits_per_byte
 
     if seq_len > model.config.max_position_embeddings:
         raise UserError(
@@ -209,7 +209,7 @@ def _tokenize(ckpt: Any, docs: list[str]) -> np.ndarray:
 def _xz_given_training_text(ckpt: Any, docs: list[str]) -> tuple[float | None, str | None]:
     """xz bits per byte of `docs` given the checkpoint's training text, read back from its prepared data."""
     from deepseek_lm.data import DataError, PreparedData
-    from deepseek_lm.data.prepare import xz_bits_per_byte
+    from deepseek_lm.data.preparation import xz_bits_per_byte
 
     try:
         data = PreparedData.open(_data_dir(ckpt, None))
