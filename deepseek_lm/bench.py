@@ -7,10 +7,10 @@ side by side with transformers' `DeepseekV3ForCausalLM` of the same configuratio
 
 How each figure is measured (SPEC §8; the history of results is in benchmarks/README.md):
 - training: one micro-batch step as the trainer runs it (forward with CE + aux loss, backward, gradient
-  clipping, fused AdamW, zero_grad, router-bias update), timed per phase. Every (implementation, round) runs
-  in a fresh spawned process, so its peak memory is its own: on CPU the RSS high-water mark (reset once the
-  libraries are imported) above the RSS at that moment, on CUDA `torch.cuda.max_memory_allocated`. Rounds
-  alternate ours, hf, ours, hf, ... and each figure is the median over rounds of the median over steps.
+  clipping, fused AdamW, zero_grad, router-bias update), timed per phase. Each implementation lives in its
+  own freshly spawned process, so its peak memory is its own: on CPU the RSS high-water mark (reset once the
+  libraries are imported) above the RSS at that moment, on CUDA `torch.cuda.max_memory_allocated`. The two
+  processes take steps in turn (ours, hf, ours, hf, ...) and each figure is the median over the steps.
 - MFU: `flops_per_token(seq_len)` × tokens/s over the matmul peak the bench measures at start.
 - decode: greedy generation through each library's own API (our `Engine`, transformers' `generate`).
   t(1) is the prefill plus the first token; decode tokens/s = B·(n − 1) / (t(n) − t(1)), so the prefill is
@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,9 +69,9 @@ class BenchConfig:
     compile: bool = False
     batch_size: int = 4
     seq_len: int = 256
-    steps: int = 6
+    steps: int = 4
     warmup: int = 2
-    rounds: int = 3
+    rounds: int = 5
     prompt_len: int = 32
     new_tokens: int = 128
     decode_batch: int = 8
@@ -90,9 +89,9 @@ HELP = {  # the command line's help, by BenchConfig field
     "compile": "torch.compile each block for training (both implementations)",
     "batch_size": "training micro-batch (rows)",
     "seq_len": "training sequence length",
-    "steps": "timed training steps per round",
+    "steps": "timed training steps per implementation and round (the implementations alternate per step)",
     "warmup": "untimed training steps per round",
-    "rounds": "alternations ours / transformers; figures are medians over rounds",
+    "rounds": "rounds of training steps and of decode figures; figures are medians",
     "prompt_len": "prompt length of the short-prompt decode figures",
     "new_tokens": "tokens decoded after the short prompt",
     "decode_batch": "rows of the batched decode figure",
@@ -298,69 +297,120 @@ def _git_commit() -> dict[str, Any]:
 # training: one fresh process per (implementation, round)
 
 
-def measure_training(
-    cfg, config, weights: Path, device, impls: list[str], log
-) -> dict[str, dict[str, float]]:
-    import multiprocessing
+def measure_training(cfg, config, weights: Path, device, impls: list[str], log) -> dict[str, dict[str, Any]]:
+    """One fresh process per implementation, both alive and stepping in turn (ours, hf, ours, hf, ...): a
+    busy machine slows both alike, and each process's peak memory is its own."""
+    tokens = cfg.batch_size * cfg.seq_len
+    job = dict(config=config.to_dict(), weights=str(weights), device=str(device), compile=cfg.compile,
+               threads=cfg.threads, batch_size=cfg.batch_size, seq_len=cfg.seq_len, warmup=cfg.warmup,
+               seed=cfg.seed)  # fmt: skip
+    workers: dict[str, _TrainProcess] = {}
+    ready: dict[str, dict[str, Any]] = {}
+    try:
+        for impl in impls:  # built and warmed up one after the other, never side by side
+            workers[impl] = _TrainProcess({**job, "impl": impl})
+            ready[impl] = workers[impl].call()
+            log(f"train {impl}: built and warmed up; memory baseline {ready[impl]['base_mb']:,.0f} MB")
+        times: dict[str, list] = {impl: [] for impl in impls}
+        for r in range(cfg.rounds):
+            for _ in range(cfg.steps):
+                for impl in impls:
+                    times[impl].append(workers[impl].call("step"))
+            log(f"train round {r + 1}/{cfg.rounds}: " + ", ".join(
+                f"{impl} {tokens / statistics.median(map(sum, times[impl][-cfg.steps:])):,.0f} tokens/s"
+                for impl in impls))  # fmt: skip
+        finals = {impl: {**ready[impl], **workers[impl].call("finish")} for impl in impls}
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return {impl: _train_summary(times[impl], finals[impl], tokens) for impl in impls}
 
-    rounds: dict[str, list[dict]] = {impl: [] for impl in impls}
-    for r in range(cfg.rounds):
-        for impl in impls:
-            job = dict(impl=impl, config=config.to_dict(), weights=str(weights), device=str(device),
-                       compile=cfg.compile, threads=cfg.threads, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                       steps=cfg.steps, warmup=cfg.warmup, seed=cfg.seed)  # fmt: skip
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                res = pool.submit(_train_worker, job).result()
-            rounds[impl].append(res)
-            tok_s = cfg.batch_size * cfg.seq_len / statistics.median(map(sum, res["times"]))
-            log(f"train {impl:<4} round {r + 1}/{cfg.rounds}: {tok_s:,.0f} tokens/s, "
-                f"peak {res['peak_mb']:,.0f} MB above {res['base_mb']:,.0f} MB")  # fmt: skip
-    return {impl: _train_summary(rs, cfg.batch_size * cfg.seq_len) for impl, rs in rounds.items()}
 
-
-def _train_summary(rounds: list[dict], tokens: int) -> dict[str, float]:
-    """Median over rounds of each round's median step (and of its phases)."""
-    step = statistics.median(statistics.median(map(sum, r["times"])) for r in rounds)
-    phase = [statistics.median(statistics.median(t[i] for t in r["times"]) for r in rounds) for i in range(3)]
+def _train_summary(times: list[tuple[float, float, float]], final: dict[str, Any], tokens: int) -> dict:
+    """Medians over all timed steps of the step and of each phase; the process's peak memory."""
     out = {
-        "train_tokens_per_s": tokens / step,
-        "train_forward_ms": phase[0] * 1e3,
-        "train_backward_ms": phase[1] * 1e3,
-        "train_optimizer_ms": phase[2] * 1e3,
-        "train_peak_mem_mb": statistics.median(r["peak_mb"] for r in rounds),
-        "train_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rounds),
+        "train_tokens_per_s": tokens / statistics.median(map(sum, times)),
+        "train_forward_ms": statistics.median(t[0] for t in times) * 1e3,
+        "train_backward_ms": statistics.median(t[1] for t in times) * 1e3,
+        "train_optimizer_ms": statistics.median(t[2] for t in times) * 1e3,
+        "train_peak_mem_mb": final["peak_mb"],
+        "train_peak_rss_mb": final["peak_rss_mb"],
     }
-    if "implementation" in rounds[0]:
-        out["implementation"] = rounds[0]["implementation"]
+    if final.get("implementation"):
+        out["implementation"] = final["implementation"]
     return out
 
 
-def _train_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """In a fresh process: build the model and optimizer, run warmup + timed steps, report times and memory."""
-    device = torch.device(job["device"])
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
-    config = DeepSeekConfig.from_dict(job["config"])
-    if job["impl"] == "hf":
-        import transformers  # noqa: F401  imported before the baseline: a library is not training memory
-    import deepseek_lm.model  # noqa: F401  (likewise)
+class _TrainProcess:
+    """A spawned process that builds one implementation, then runs a training step per "step" request."""
 
-    base_mb = _reset_peak_memory(device)
-    state = torch.load(job["weights"], weights_only=True)
-    model, optimizer = _build_training(job["impl"], config, state, device, job["compile"])
-    del state
-    g = torch.Generator().manual_seed(job["seed"])
-    ids = torch.randint(0, config.vocab_size, (job["batch_size"], job["seq_len"] + 1), generator=g).to(device)
-    x, y = ids[:, :-1], ids[:, 1:]
-    for _ in range(job["warmup"]):
-        _train_step(job["impl"], model, optimizer, x, y, device)
-    times = [_train_step(job["impl"], model, optimizer, x, y, device) for _ in range(job["steps"])]
-    peak_mb, peak_rss_mb = _peak_memory(device, base_mb)
-    out = {"times": times, "base_mb": base_mb, "peak_mb": peak_mb, "peak_rss_mb": peak_rss_mb}
-    if job["impl"] == "hf":
-        out["implementation"] = {"attn": model.config._attn_implementation,
-                                 "experts": getattr(model.config, "_experts_implementation", None)}  # fmt: skip
-    return out
+    def __init__(self, job: dict[str, Any]) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.impl = job["impl"]
+        self.conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=_train_worker, args=(child_conn, job), name=f"bench-{self.impl}")
+        self.process.start()
+        child_conn.close()
+
+    def call(self, command: str | None = None) -> Any:
+        if command is not None:
+            self.conn.send(command)
+        try:
+            kind, payload = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"the {self.impl} training process died (exit code {self.process.exitcode})"
+            ) from None
+        if kind == "error":
+            raise RuntimeError(f"the {self.impl} training process failed:\n{payload}")
+        return payload
+
+    def close(self) -> None:
+        self.conn.close()
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+
+
+def _train_worker(conn, job: dict[str, Any]) -> None:
+    """In a fresh process: build the model and optimizer, warm up, answer "step" requests with the phase
+    times, and "finish" with the peak memory."""
+    try:
+        device = torch.device(job["device"])
+        if job["threads"]:
+            torch.set_num_threads(job["threads"])
+        config = DeepSeekConfig.from_dict(job["config"])
+        if job["impl"] == "hf":
+            import transformers  # noqa: F401  imported before the baseline: a library is not training memory
+        import deepseek_lm.model  # noqa: F401  (likewise)
+
+        base_mb = _reset_peak_memory(device)
+        state = torch.load(job["weights"], weights_only=True)
+        model, optimizer = _build_training(job["impl"], config, state, device, job["compile"])
+        del state
+        g = torch.Generator().manual_seed(job["seed"])
+        ids = torch.randint(0, config.vocab_size, (job["batch_size"], job["seq_len"] + 1), generator=g)
+        x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)
+        for _ in range(job["warmup"]):
+            _train_step(job["impl"], model, optimizer, x, y, device)
+        impl = None
+        if job["impl"] == "hf":
+            impl = {"attn": model.config._attn_implementation,
+                    "experts": getattr(model.config, "_experts_implementation", None)}  # fmt: skip
+        conn.send(("ok", {"base_mb": base_mb, "implementation": impl}))
+        while conn.recv() == "step":
+            conn.send(("ok", _train_step(job["impl"], model, optimizer, x, y, device)))
+        peak_mb, peak_rss_mb = _peak_memory(device, base_mb)
+        conn.send(("ok", {"peak_mb": peak_mb, "peak_rss_mb": peak_rss_mb}))
+    except Exception:
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
 
 
 def _build_training(impl: str, config: DeepSeekConfig, state: dict, device: torch.device, compile: bool):
