@@ -313,9 +313,9 @@ def measure_training(cfg, config, weights: Path, device, impls: list[str], log) 
             log(f"train {impl}: built and warmed up; memory baseline {ready[impl]['base_mb']:,.0f} MB")
         times: dict[str, list] = {impl: [] for impl in impls}
         for r in range(cfg.rounds):
-            for _ in range(cfg.steps):
+            for _ in range(cfg.steps):  # step by step: the neighbours' load drifts within seconds
                 for impl in impls:
-                    times[impl].append(workers[impl].call("step"))
+                    times[impl] += workers[impl].call(1)
             log(f"train round {r + 1}/{cfg.rounds}: " + ", ".join(
                 f"{impl} {tokens / statistics.median(map(sum, times[impl][-cfg.steps:])):,.0f} tokens/s"
                 for impl in impls))  # fmt: skip
@@ -342,7 +342,7 @@ def _train_summary(times: list[tuple[float, float, float]], final: dict[str, Any
 
 
 class _TrainProcess:
-    """A spawned process that builds one implementation, then runs a training step per "step" request."""
+    """A spawned process that builds one implementation, then runs n training steps per request n."""
 
     def __init__(self, job: dict[str, Any]) -> None:
         import multiprocessing
@@ -354,7 +354,7 @@ class _TrainProcess:
         self.process.start()
         child_conn.close()
 
-    def call(self, command: str | None = None) -> Any:
+    def call(self, command: str | int | None = None) -> Any:
         if command is not None:
             self.conn.send(command)
         try:
@@ -376,8 +376,8 @@ class _TrainProcess:
 
 
 def _train_worker(conn, job: dict[str, Any]) -> None:
-    """In a fresh process: build the model and optimizer, warm up, answer "step" requests with the phase
-    times, and "finish" with the peak memory."""
+    """In a fresh process: build the model and optimizer, warm up, answer a request n with the phase times
+    of n steps, and "finish" with the peak memory."""
     try:
         device = torch.device(job["device"])
         if job["threads"]:
@@ -401,8 +401,8 @@ def _train_worker(conn, job: dict[str, Any]) -> None:
             impl = {"attn": model.config._attn_implementation,
                     "experts": getattr(model.config, "_experts_implementation", None)}  # fmt: skip
         conn.send(("ok", {"base_mb": base_mb, "implementation": impl}))
-        while conn.recv() == "step":
-            conn.send(("ok", _train_step(job["impl"], model, optimizer, x, y, device)))
+        while (n := conn.recv()) != "finish":
+            conn.send(("ok", [_train_step(job["impl"], model, optimizer, x, y, device) for _ in range(n)]))
         peak_mb, peak_rss_mb = _peak_memory(device, base_mb)
         conn.send(("ok", {"peak_mb": peak_mb, "peak_rss_mb": peak_rss_mb}))
     except Exception:
