@@ -69,6 +69,7 @@ class BenchConfig:
     compile: bool = False
     batch_size: int = 4
     seq_len: int = 256
+    grad_accum: int = 1
     steps: int = 4
     warmup: int = 2
     rounds: int = 5
@@ -89,6 +90,7 @@ HELP = {  # the command line's help, by BenchConfig field
     "compile": "torch.compile each block for training (both implementations)",
     "batch_size": "training micro-batch (rows)",
     "seq_len": "training sequence length",
+    "grad_accum": "micro-batches per optimizer step (the trainer's accumulation)",
     "steps": "timed training steps per implementation and round (the implementations alternate per step)",
     "warmup": "untimed training steps per round",
     "rounds": "rounds of training steps and of decode figures; figures are medians",
@@ -130,7 +132,16 @@ def parse(argv: list[str]) -> BenchConfig:
     except argparse.ArgumentError as e:
         raise UserError(f"{str(e).splitlines()[0]}; see `deepseek-lm bench --help`") from None
     cfg = BenchConfig(**{k: ns[k] for k in asdict(BenchConfig())})
-    for name in ["batch_size", "seq_len", "steps", "rounds", "prompt_len", "new_tokens", "decode_batch"]:
+    for name in [
+        "batch_size",
+        "seq_len",
+        "grad_accum",
+        "steps",
+        "rounds",
+        "prompt_len",
+        "new_tokens",
+        "decode_batch",
+    ]:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(cfg, name)})")
     if cfg.warmup < 0 or cfg.threads < 0:
@@ -300,9 +311,9 @@ def _git_commit() -> dict[str, Any]:
 def measure_training(cfg, config, weights: Path, device, impls: list[str], log) -> dict[str, dict[str, Any]]:
     """One fresh process per implementation, both alive and stepping in turn (ours, hf, ours, hf, ...): a
     busy machine slows both alike, and each process's peak memory is its own."""
-    tokens = cfg.batch_size * cfg.seq_len
+    tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     job = dict(config=config.to_dict(), weights=str(weights), device=str(device), compile=cfg.compile,
-               threads=cfg.threads, batch_size=cfg.batch_size, seq_len=cfg.seq_len, warmup=cfg.warmup,
+               threads=cfg.threads, batch_size=cfg.batch_size, seq_len=cfg.seq_len, warmup=cfg.warmup, accum=cfg.grad_accum,
                seed=cfg.seed)  # fmt: skip
     workers: dict[str, _TrainProcess] = {}
     ready: dict[str, dict[str, Any]] = {}
@@ -395,14 +406,15 @@ def _train_worker(conn, job: dict[str, Any]) -> None:
         ids = torch.randint(0, config.vocab_size, (job["batch_size"], job["seq_len"] + 1), generator=g)
         x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)
         for _ in range(job["warmup"]):
-            _train_step(job["impl"], model, optimizer, x, y, device)
+            _train_step(job["impl"], model, optimizer, x, y, device, job["accum"])
         impl = None
         if job["impl"] == "hf":
             impl = {"attn": model.config._attn_implementation,
                     "experts": getattr(model.config, "_experts_implementation", None)}  # fmt: skip
         conn.send(("ok", {"base_mb": base_mb, "implementation": impl}))
         while (n := conn.recv()) != "finish":
-            conn.send(("ok", [_train_step(job["impl"], model, optimizer, x, y, device) for _ in range(n)]))
+            times = [_train_step(job["impl"], model, optimizer, x, y, device, job["accum"]) for _ in range(n)]
+            conn.send(("ok", times))
         peak_mb, peak_rss_mb = _peak_memory(device, base_mb)
         conn.send(("ok", {"peak_mb": peak_mb, "peak_rss_mb": peak_rss_mb}))
     except Exception:
@@ -443,28 +455,34 @@ def _train_defaults():
     return TrainConfig()
 
 
-def _train_step(impl: str, model, optimizer, x, y, device) -> tuple[float, float, float]:
-    """One optimizer step on one micro-batch -> (forward, backward, optimizer) seconds."""
+def _train_step(impl: str, model, optimizer, x, y, device, accum: int = 1) -> tuple[float, float, float]:
+    """One optimizer step over `accum` micro-batches -> (forward, backward, optimizer) seconds."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    t0 = time.perf_counter()
-    with autocast:
-        if impl == "ours":
-            out = model(x, targets=y)
-            loss = out.loss + out.aux_loss
-        else:  # transformers shifts the labels itself: same T predictions per row
-            loss = model(input_ids=x, labels=x).loss
-    _sync(device)
-    t1 = time.perf_counter()
-    loss.backward()
-    _sync(device)
+    fwd = bwd = 0.0
+    counts = None
+    for _ in range(accum):
+        t0 = time.perf_counter()
+        with autocast:
+            if impl == "ours":
+                out = model(x, targets=y)
+                loss = out.loss + out.aux_loss
+                step_counts = [s.counts for s in out.router_stats]
+                counts = step_counts if counts is None else [a + b for a, b in zip(counts, step_counts)]
+            else:  # transformers shifts the labels itself: same T predictions per row
+                loss = model(input_ids=x, labels=x).loss
+        _sync(device)
+        t1 = time.perf_counter()
+        (loss / accum).backward()
+        _sync(device)
+        fwd, bwd = fwd + t1 - t0, bwd + time.perf_counter() - t1
     t2 = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if impl == "ours":
-        model.update_router_biases([s.counts for s in out.router_stats])
+        model.update_router_biases(counts)
     _sync(device)
-    return t1 - t0, t2 - t1, time.perf_counter() - t2
+    return fwd, bwd, time.perf_counter() - t2
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -626,7 +644,8 @@ def format_table(result: dict[str, Any]) -> str:
     ctx_prompt = min(s["ctx_len"], model.max_position_embeddings) - s["ctx_new_tokens"]
     names = dict(prompt=s["prompt_len"], ctx=ctx_prompt + s["ctx_new_tokens"], ctx_prompt=ctx_prompt)
     lines = [
-        f"deepseek-lm bench: preset {s['preset']}, {s['dtype']}, train batch {s['batch_size']} × {s['seq_len']}",
+        f"deepseek-lm bench: preset {s['preset']}, {s['dtype']}, train batch {s['batch_size']} × {s['seq_len']}"
+        + (f" × {s['grad_accum']} micro-batches" if s.get("grad_accum", 1) > 1 else ""),
         f"machine: {m['cpu']} ({m['cores']} cores), device {m['device']}, torch {m['torch']}, "
         f"commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, {m['date']}",
         f"matmul peak {s['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s; load average {m['load_avg_1m']:.1f} → "
@@ -642,4 +661,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(row)
     values = model.kv_lora_rank + model.qk_rope_head_dim
     lines.append(f"(KV cache: kv_lora_rank + qk_rope_head_dim = {values} values per token per layer)")
+    if m["device"] == "cpu" and m["torch_threads"] > 1 and max(m["load_avg_1m"], m["load_avg_1m_end"]) > 0.5:
+        lines.append(
+            "note: other work was running. A multi-threaded op waits for its slowest thread, and a thread whose "
+            "core is busy can wait a whole scheduler slice: such timings swing widely. --threads 1 is steadier."
+        )
     return "\n".join(lines)
