@@ -60,18 +60,22 @@ def resource_usage(process: psutil.Process, device: torch.device) -> dict[str, f
     return usage
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, trials: int = 3) -> float:
+def measure_matmul_peak(
+    device: torch.device, dtype: torch.dtype, n: int | None = None, trials: int = 3
+) -> float:
     """A quick achieved-matmul FLOP/s on `device` (the MFU denominator when no peak is given): the best of
-    a few timings, since other processes only ever make a trial slower."""
+    a few timings, since other processes only ever make a trial slower. The default size is large enough to
+    reach the device's peak (a 1024² product reaches a tenth of an H200's), small enough for a CPU."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)  # warm-up: kernel selection, allocation
+    out = torch.mm(a, b)  # warm-up: kernel selection, allocation, page faults
     best = math.inf
     for _ in range(trials):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        torch.mm(a, b)
+        torch.mm(a, b, out=out)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
