@@ -248,18 +248,10 @@ def _sync(device: torch.device) -> None:
 
 def matmul_peak(device: torch.device, repeats: int = 8) -> float:
     """FLOP/s of the best of a few large square matmuls: fp32 on CPU, bf16 on CUDA (what training uses)."""
-    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(repeats + 2):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        _sync(device)
-        if i >= 2:  # the first calls pay for page faults and kernel selection
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    from deepseek_lm.train.monitor import measure_matmul_peak
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return measure_matmul_peak(device, dtype, trials=repeats)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
