@@ -25,6 +25,10 @@ test: setup
 train: setup
 	$(PY) -m deepseek_lm train
 
+# training and decoding throughput, side by side with transformers (a few minutes on 2 cores)
+bench: setup
+	$(PY) -m deepseek_lm bench --compare-hf
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
