@@ -149,11 +149,7 @@ class DeepSeekConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeepSeekConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "model config", ConfigError)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -164,6 +160,14 @@ class DeepSeekConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read model config {path}: {e}") from e
+
+
+def dataclass_from_dict(cls: type, data: dict[str, Any], what: str, error: type[Exception]) -> Any:
+    """`cls(**data)`, refusing keys `cls` does not have with one line that names them."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise error(f"unknown {what} key(s): {', '.join(unknown)}")
+    return cls(**data)
 
 
 class ConfigError(UserError, ValueError):

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.config import DeepSeekConfig, dataclass_from_dict
 from deepseek_lm.errors import UserError
 
 DEFAULT_PROMPTS = ["The ", "A function that", "Return the", "This module provides"]
@@ -125,11 +125,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown training config key(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "training config", UserError)
 
 
 # A preset: the model preset it trains, and its overrides of TrainConfig's defaults.
