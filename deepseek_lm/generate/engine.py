@@ -247,21 +247,32 @@ class _DecodeState:
         self.seen = (
             _seen_mask(rows, model.config.vocab_size, device) if sampling.repetition_penalty != 1 else None
         )
+        # The head as a contiguous (D, V) copy, made per call so it follows weights that train between calls:
+        # at batch 1 on a CPU, (1, D) @ (D, V) streams the weight row by row, ~3× faster than F.linear's
+        # (V, D) layout (0.7 against 2.2 ms at V = 49,152, D = 128), and the head is the largest read per token.
+        self.head_DV = model.lm_head.weight.t().contiguous()
         self.logits, self.pos = self._prefill(_right_pad(rows, self.pad, device))
+
+    def _next_logits(self, ids: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """Run `ids` (B, T) through the model at `start_pos`; -> the logits after the last one (B, V)."""
+        out = self.model(
+            ids, cache=self.cache, start_pos=start_pos, last_logits_only=True, return_hidden=True
+        )
+        return out.hidden[:, -1] @ self.head_DV
 
     def _prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Fill the cache with the prompts; return next-token logits (B, V) and the next positions."""
         longest = prompt.size(1)
         if all(n == longest for n in self.lengths):
-            out = self.model(prompt, cache=self.cache, start_pos=0, last_logits_only=True)
-            return out.logits[:, -1], longest
+            return self._next_logits(prompt, 0), longest
         # ragged: all but the last column in one pass, then each row's last token at its own position
         if longest > 1:
-            self.model(prompt[:, :-1], cache=self.cache, start_pos=0, last_logits_only=True)
+            self.model(
+                prompt[:, :-1], cache=self.cache, start_pos=0, last_logits_only=True, return_hidden=True
+            )
         last_pos = torch.tensor(self.lengths, device=prompt.device) - 1  # (B,)
         last_tok = prompt.gather(1, last_pos[:, None])  # (B, 1)
-        out = self.model(last_tok, cache=self.cache, start_pos=last_pos, last_logits_only=True)
-        return out.logits[:, -1], last_pos + 1
+        return self._next_logits(last_tok, last_pos), last_pos + 1
 
     def step(self, t: int, last: bool) -> None:
         """Pick token t of every row from the current logits, then (unless `last`) run it through the model."""
@@ -278,8 +289,7 @@ class _DecodeState:
             self.seen.scatter_(1, nxt[:, None], True)
         if last:
             return
-        out = self.model(nxt[:, None], cache=self.cache, start_pos=self.pos, last_logits_only=True)
-        self.logits = out.logits[:, -1]
+        self.logits = self._next_logits(nxt[:, None], self.pos)
         # per-row positions: a finished row stays on its last slot, so it never outgrows the cache
         self.pos = self.pos + 1 if isinstance(self.pos, int) else self.pos + (~self.done).long()
 

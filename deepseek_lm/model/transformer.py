@@ -25,6 +25,9 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # mean CE over targets != -100 (chunked); None without targets
     aux_loss: torch.Tensor | None = None  # α-weighted MoE auxiliary loss summed over MoE layers
     router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer
+    hidden: torch.Tensor | None = (
+        None  # (B, T, D) final-normed hidden states, instead of logits, with return_hidden
+    )
 
 
 class Block(nn.Module):
@@ -128,12 +131,14 @@ class DeepSeekLM(nn.Module):
         cache: LatentCache | None = None,
         start_pos: int | torch.Tensor = 0,
         last_logits_only: bool = False,
+        return_hidden: bool = False,
     ) -> ModelOutput:
         """input_ids (B, T) long -> ModelOutput.
 
         targets (B, T): the loss is computed chunked and `logits` is None. cache: run the absorbed MLA path
         over it; row b's tokens sit at positions start_pos[b] + t (start_pos an int or (B,) long), are written
         there, and attend to cache positions j <= their own. Without a cache: naive MLA, causal over T.
+        return_hidden: return the final-normed hidden states instead of logits (a caller with its own head).
         """
         B, T = input_ids.shape
         max_len = cache.max_len if cache is not None else self.rope.shape[1]
@@ -155,6 +160,8 @@ class DeepSeekLM(nn.Module):
             return ModelOutput(loss=loss, aux_loss=aux, router_stats=stats)
         if last_logits_only:
             x = x[:, -1:]
+        if return_hidden:
+            return ModelOutput(hidden=self.norm(x), aux_loss=aux, router_stats=stats)
         return ModelOutput(logits=self.lm_head(self.norm(x)), aux_loss=aux, router_stats=stats)
 
     # accounting -------------------------------------------------------------------------------------------
