@@ -532,10 +532,11 @@ def load_hf(config: DeepSeekConfig, state: dict, device: torch.device, dtype: to
     """transformers' DeepseekV3ForCausalLM with its default attention and experts implementations."""
     import transformers
 
-    from deepseek_lm.model.hf_names import hf_config_dict, to_hf_state_dict
+    from deepseek_lm.interop import to_hf_config
+    from deepseek_lm.model.hf_names import to_hf_state_dict
 
     transformers.logging.set_verbosity_error()  # no deprecation chatter in the table
-    hf_config = transformers.DeepseekV3Config(**hf_config_dict(config))
+    hf_config = transformers.DeepseekV3Config.from_dict(to_hf_config(config))
     with torch.device(device):
         model = transformers.DeepseekV3ForCausalLM._from_config(hf_config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(to_hf_state_dict(state), strict=False)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from deepseek_lm.config import PRESETS, DeepSeekConfig
+from deepseek_lm.interop import from_hf_config, to_hf_config
 from deepseek_lm.model import DeepSeekLM, get_model
-from deepseek_lm.model.hf_names import config_from_hf, from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from deepseek_lm.model.hf_names import from_hf_state_dict, to_hf_state_dict
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install -e '.[dev]')"
@@ -50,7 +51,7 @@ def _compare(hf_model, config: DeepSeekConfig):
 
 
 def _v3(config: DeepSeekConfig):
-    hf_cfg = transformers.DeepseekV3Config(**hf_config_dict(config))
+    hf_cfg = transformers.DeepseekV3Config.from_dict(to_hf_config(config))
     model = transformers.DeepseekV3ForCausalLM._from_config(
         hf_cfg, attn_implementation="sdpa", experts_implementation="eager"
     ).eval()
@@ -107,7 +108,7 @@ def test_parity_deepseek_v2_softmax(topk_method, groups):
         hf_cfg, attn_implementation="sdpa", experts_implementation="eager"
     ).eval()
     _randomise(model)
-    config = config_from_hf({**hf_cfg.to_dict(), "model_type": "deepseek_v2"})
+    config = from_hf_config(hf_cfg.to_dict())
     assert config.scoring_func == "softmax" and not config.norm_topk_prob
     _compare(model, config)
 
@@ -117,7 +118,9 @@ def test_parameter_counts_match_transformers(preset):
     """The seed architecture is 15,840,000 parameters in both; the other presets agree too (meta device)."""
     config = DeepSeekConfig.from_preset(preset)
     with torch.device("meta"):
-        hf_model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**hf_config_dict(config)))
+        hf_model = transformers.DeepseekV3ForCausalLM(
+            transformers.DeepseekV3Config.from_dict(to_hf_config(config))
+        )
         ours = DeepSeekLM(config)
     hf_total = sum(p.numel() for p in hf_model.parameters())
     assert ours.param_counts()["total"] == hf_total
