@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,16 @@ class EvalReport:
     checkpoint: str
     data: str  # what was scored, in words
     loss: float  # mean cross-entropy, nats per token
-    perplexity: float
     bits_per_byte: float
     xz_bits_per_byte: float | None  # None when no training text was at hand
     note: str | None  # why something is missing or approximate
     tokens: int  # tokens scored
     seq_len: int
     batch_size: int
+    perplexity: float = field(init=False)  # exp(loss), derived
+
+    def __post_init__(self) -> None:
+        self.perplexity = _perplexity(self.loss)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,7 +153,6 @@ def _evaluate_split(
         checkpoint=str(ckpt.path),
         data=f"validation split of {data_dir}",
         loss=loss,
-        perplexity=_perplexity(loss),
         bits_per_byte=bpb,
         xz_bits_per_byte=data.manifest.get("xz_bits_per_byte"),
         note=note,
@@ -182,7 +184,6 @@ def _evaluate_files(
         checkpoint=str(ckpt.path),
         data=f"{len(paths)} file(s): {', '.join(p.name for p in paths[:3])}{', ...' if len(paths) > 3 else ''}",
         loss=loss,
-        perplexity=_perplexity(loss),
         bits_per_byte=bpb,
         xz_bits_per_byte=xz,
         note=note,
