@@ -71,3 +71,21 @@ def test_bf16_training_steps_reduce_the_loss(tiny_config):
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_equals_the_model_on_cuda(tiny_config, dtype):
+    from deepseek_lm.model.decode import Decoder
+
+    model = get_model(tiny_config, device="cuda").eval().to(dtype)
+    ids = torch.randint(0, 512, (3, 12), device="cuda")
+    ours, ref = model.new_cache(3, 16), model.new_cache(3, 16)
+    with torch.no_grad():
+        for cache in (ours, ref):
+            model(ids[:, :8], cache=cache, start_pos=0)
+        decoder = Decoder(model, 3)
+        for t in range(8, 12):
+            got = decoder(ids[:, t : t + 1], ours, t).float()
+            want = model(ids[:, t : t + 1], cache=ref, start_pos=t).logits[:, -1].float()
+            atol = 1e-4 if dtype == torch.float32 else 5e-2  # TF32 / bf16 roundings of other products
+            torch.testing.assert_close(got, want, atol=atol, rtol=0)

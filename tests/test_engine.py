@@ -202,7 +202,8 @@ def test_cache_holds_latent_and_rope_key_only(engine):
 def test_stream_callback_receives_text_before_generation_ends(engine):
     engine.eos_token_id = None
     forwards = []
-    handle = engine.model.register_forward_hook(lambda *_: forwards.append(1))
+    # every forward (the prefill through the model, each decode step) embeds its tokens once
+    handle = engine.model.embed_tokens.register_forward_hook(lambda *_: forwards.append(1))
     seen_at = []
     try:
         out = engine.generate(

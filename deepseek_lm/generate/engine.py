@@ -30,6 +30,7 @@ from deepseek_lm.data.tokenizer import special_token_ids
 from deepseek_lm.errors import UserError
 from deepseek_lm.generate.sampling import SamplingConfig, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
+from deepseek_lm.model.decode import Decoder
 
 _SYNC_EVERY = 16  # decode steps between "all rows finished?" checks on a GPU (each check is a device sync)
 
@@ -247,18 +248,19 @@ class _DecodeState:
         self.seen = (
             _seen_mask(rows, model.config.vocab_size, device) if sampling.repetition_penalty != 1 else None
         )
-        # The head as a contiguous (D, V) copy, made per call so it follows weights that train between calls:
-        # at batch 1 on a CPU, (1, D) @ (D, V) streams the weight row by row, ~3× faster than F.linear's
-        # (V, D) layout (0.7 against 2.2 ms at V = 49,152, D = 128), and the head is the largest read per token.
-        self.head_DV = model.lm_head.weight.t().contiguous()
+        # decode steps through the weights rearranged for them (model/decode.py); built per call, so it
+        # follows weights that train between calls
+        self.decoder = Decoder(model, batch)
         self.logits, self.pos = self._prefill(_right_pad(rows, self.pad, device))
 
     def _next_logits(self, ids: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         """Run `ids` (B, T) through the model at `start_pos`; -> the logits after the last one (B, V)."""
+        if ids.shape[1] == 1:
+            return self.decoder(ids, self.cache, start_pos)
         out = self.model(
             ids, cache=self.cache, start_pos=start_pos, last_logits_only=True, return_hidden=True
         )
-        return out.hidden[:, -1] @ self.head_DV
+        return self.decoder.logits(out.hidden[:, -1])
 
     def _prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Fill the cache with the prompts; return next-token logits (B, V) and the next positions."""

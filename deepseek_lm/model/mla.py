@@ -130,7 +130,7 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, pos.cos, pos.sin)  # (B, T, H, dr)
         k_pe = apply_rope(k_pe[:, :, None], pos.cos, pos.sin)  # (B, T, 1, dr)
         if cache is not None and pos.start == 0 and T > 1:  # a prefill from position 0: nothing to read back
-            _write(cache, torch.cat((c_kv, k_pe[:, :, 0]), dim=-1), pos)
+            write_latent(cache, torch.cat((c_kv, k_pe[:, :, 0]), dim=-1), pos)
             cache = None  # and the naive path is cheaper: heads of dn + dr, not r + dr (2k tokens: -17 %)
         if cache is None:
             o = self._naive(q_nope, q_pe, c_kv, k_pe)
@@ -147,29 +147,38 @@ class MLA(nn.Module):
         return o.transpose(1, 2)  # (B, T, H, dv)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, pos: Positions, cache: torch.Tensor) -> torch.Tensor:
-        B, T, H, _ = q_nope.shape
-        r = self.kv_lora_rank
-        w_ukv = self.kv_b_proj.weight.view(H, self.dn + self.dv, r)
+        w_ukv = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
         # W_uk folded into the query: q_nope·(W_uk c_kv) = (W_uk^T q_nope)·c_kv
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_ukv[:, : self.dn])  # (B, T, H, r)
-        _write(cache, torch.cat((c_kv, k_pe), dim=-1), pos)
-        kv = cache[:, : pos.kv_len]  # (B, L, r + dr)
-        q = torch.cat((q_lat, q_pe), dim=-1)  # (B, T, H, r + dr)
-        if T == 1:  # decode: one small matmul + softmax beats SDPA's dispatch
-            scores = torch.matmul(q.view(B, H, -1), kv.transpose(1, 2)) * self.scale  # (B, H, L)
-            if pos.mask is not None:
-                scores = scores.masked_fill(~pos.mask[:, 0], float("-inf"))
-            o_lat = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(kv.dtype), kv[..., :r])[:, None]
-        else:  # more tokens after earlier ones (chunked prefill): kv shared by all heads (MQA in the latent
-            # space); v = [c_kv | k_pe], of k's head dim, keeps SDPA off its slowest kernel; its first r dims count
-            o_lat = F.scaled_dot_product_attention(
-                q.transpose(1, 2), kv[:, None], kv[:, None], attn_mask=pos.mask, scale=self.scale,
-                enable_gqa=True,
-            ).transpose(1, 2)[..., :r]  # fmt: skip
+        write_latent(cache, torch.cat((c_kv, k_pe), dim=-1), pos)
+        o_lat = latent_attention(torch.cat((q_lat, q_pe), dim=-1), cache, pos, self.scale, self.kv_lora_rank)
         return torch.einsum("bthr,hdr->bthd", o_lat, w_ukv[:, self.dn :])  # W_uv folded into the output
 
 
-def _write(cache: torch.Tensor, new_BTC: torch.Tensor, pos: Positions) -> None:
+def latent_attention(
+    q: torch.Tensor, cache: torch.Tensor, pos: Positions, scale: float, r: int
+) -> torch.Tensor:
+    """Absorbed queries q (B, T, H, r + dr) over the cache's [c_kv | k_pe] (B, S, r + dr) -> o_lat (B, T, H, r).
+
+    The cache already holds this forward's tokens. All heads read the same latent rows (MQA in the latent
+    space), and a position's value is its c_kv.
+    """
+    B, T, H, _ = q.shape
+    kv = cache[:, : pos.kv_len]  # (B, L, r + dr)
+    if T == 1:  # decode: one small matmul + softmax beats SDPA's dispatch
+        scores = torch.matmul(q.view(B, H, -1), kv.transpose(1, 2)) * scale  # (B, H, L)
+        if pos.mask is not None:
+            scores = scores.masked_fill(~pos.mask[:, 0], float("-inf"))
+        return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(kv.dtype), kv[..., :r])[:, None]
+    # several tokens after earlier ones (chunked prefill): v = [c_kv | k_pe], of k's head dim, keeps SDPA off
+    # its slowest kernel; only its first r dims count
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), kv[:, None], kv[:, None], attn_mask=pos.mask, scale=scale, enable_gqa=True
+    )
+    return o.transpose(1, 2)[..., :r]
+
+
+def write_latent(cache: torch.Tensor, new_BTC: torch.Tensor, pos: Positions) -> None:
     """Store the new tokens' [c_kv | k_pe] at their absolute positions."""
     if pos.start is not None:
         cache[:, pos.start : pos.start + new_BTC.shape[1]] = new_BTC

@@ -1,0 +1,104 @@
+"""The decoder's rearranged weights give the model's own cached forward: logits and the cache it writes."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.model import get_model
+from deepseek_lm.model.decode import Decoder
+
+ATOL = 1e-5
+
+VARIANTS = {
+    "tiny": {},
+    "softmax+groups": dict(scoring_func="softmax", n_group=2, topk_group=1, norm_topk_prob=False),
+    "dense first layer, scaled": dict(
+        num_hidden_layers=3, first_k_dense_replace=1, routed_scaling_factor=2.5
+    ),
+    "no q lora, yarn": dict(
+        q_lora_rank=0, rope_scaling=dict(factor=4.0, original_max_position_embeddings=64, mscale_all_dim=1.0)
+    ),
+    "no shared experts": dict(n_shared_experts=0),
+    "two shared experts": dict(n_shared_experts=2),
+    "many experts (sparse at batch 1)": dict(
+        n_routed_experts=16, num_experts_per_tok=2, n_group=4, topk_group=2
+    ),
+}
+
+
+def _model(**overrides):
+    model = get_model(dataclasses.replace(DeepSeekConfig.from_preset("tiny"), **overrides)).eval()
+    with torch.no_grad():  # a non-zero selection bias, so that biased routing is exercised
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+def _decode_both(model, prompts, steps):
+    """Prefill each row's prompt through the model, then decode `steps` tokens through the decoder and
+    through model(...) side by side, each with its own cache; -> max logit difference, the two caches."""
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    ours, ref = (model.new_cache(B, max(lengths) + steps) for _ in range(2))
+    prompt = torch.zeros(B, max(lengths), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        prompt[b, : len(p)] = torch.tensor(p)
+    decoder, worst = Decoder(model, B), 0.0
+    pos = torch.tensor(lengths) - 1  # each row's last prompt token runs as the first decode step
+    with torch.no_grad():
+        for cache in (ours, ref):
+            model(prompt, cache=cache, start_pos=0)
+        ids = prompt.gather(1, pos[:, None])
+        for _ in range(steps):
+            logits = decoder(ids, ours, pos)
+            expected = model(ids, cache=ref, start_pos=pos).logits[:, -1]
+            worst = max(worst, (logits - expected).abs().max().item())
+            ids, pos = expected.argmax(-1, keepdim=True), pos + 1
+    return worst, ours, ref
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_steps_equal_the_model(variant, batch):
+    model = _model(**VARIANTS[variant])
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 9, 2)[:batch]]
+    worst, ours, ref = _decode_both(model, prompts, steps=6)
+    assert worst < ATOL
+    for a, b in zip(ours.kv, ref.kv):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_dense_experts_only_where_tokens_pick_most_experts():
+    few = _model()  # 4 experts, 2 per token: a single row already picks half
+    assert all(m is not None for m in Decoder(few, 1).mlp)
+    many = _model(**VARIANTS["many experts (sparse at batch 1)"])  # 16 experts, 2 per token
+    assert all(m is None for m in Decoder(many, 1).mlp)  # the model's sparse MoE
+    assert all(m is not None for m in Decoder(many, 4).mlp)  # 4 rows · 2 ≥ 16 / 2
+
+
+def test_several_tokens_per_row_equal_the_model():
+    model = _model()
+    prompt, more = torch.randint(0, 512, (2, 7)), torch.randint(0, 512, (2, 4))
+    ours, ref = model.new_cache(2, 16), model.new_cache(2, 16)
+    with torch.no_grad():
+        for cache in (ours, ref):
+            model(prompt, cache=cache, start_pos=0)
+        logits = Decoder(model, 2)(more, ours, 7)
+        expected = model(more, cache=ref, start_pos=7).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
+def test_decoder_reads_the_weights_it_was_built_with():
+    model = _model()
+    decoder = Decoder(model, 1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    worst, _, _ = _decode_both(model, [[1, 2, 3]], steps=1)  # a new decoder follows the change
+    assert worst < ATOL
+    cache = model.new_cache(1, 4)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache, start_pos=0)
+        stale = decoder(torch.tensor([[4]]), cache, 3)
+        fresh = Decoder(model, 1)(torch.tensor([[4]]), cache, 3)
+    torch.testing.assert_close(stale * 2, fresh, atol=ATOL, rtol=0)
