@@ -1,7 +1,7 @@
 """Where a training step or a decode step spends its time: torch.profiler's top operations.
 
     python benchmarks/profile_step.py --preset seed                       # a CPU training step
-    python benchmarks/profile_step.py --preset seed --what decode         # one greedy token at batch 1
+    python benchmarks/profile_step.py --preset seed --what decode         # greedy tokens at batch 1, by part
     python benchmarks/profile_step.py --preset 1b --compile --batch_size 8 --seq_len 2048   # on a GPU
 
 Uses the bench's own step (deepseek_lm.bench), so the profile is of what `deepseek-lm bench` times.
@@ -58,7 +58,53 @@ def profile_decode(config, device, steps):
     engine.generate_ids(prompt, 4, sampling=greedy)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         engine.generate_ids(prompt, steps + 1, sampling=greedy)
+    print(decode_parts(engine, prompt, greedy, max(steps, 64)))
     return prof
+
+
+def decode_parts(engine, prompt, sampling, steps) -> str:
+    """Wall time per token of the decoder's parts, timed by wrapping them (no profiler overhead)."""
+    from deepseek_lm.model import decode
+
+    spent: dict[str, float] = {}
+
+    def timed(owner, attr: str, label: str):
+        original = owner.__dict__[attr]  # the descriptor itself (a staticmethod stays one)
+        inner = getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+            return out
+
+        setattr(owner, attr, staticmethod(wrapper) if isinstance(original, staticmethod) else wrapper)
+        return original
+
+    parts = [
+        (decode._Attention, "__call__", "attention (all layers)"),
+        (decode.Decoder, "_mlp", "MLP / MoE (all layers)"),
+        (decode.Decoder, "logits", "LM head"),
+        (decode.Decoder, "__call__", "decode step"),
+    ]
+    spent.update((label, 0.0) for _, _, label in parts)  # report in this order
+    saved = [(owner, attr, timed(owner, attr, label)) for owner, attr, label in parts]
+    try:
+        t0 = time.perf_counter()
+        engine.generate_ids(prompt, steps + 1, sampling=sampling)
+        total = time.perf_counter() - t0
+    finally:
+        for owner, attr, inner in saved:
+            setattr(owner, attr, inner)
+    step = spent.pop("decode step")
+    rest = step - sum(spent.values())
+    lines = [f"per token over {steps} greedy tokens at batch 1 (prefill included in the total):"]
+    lines += [f"{1e6 * v / steps:9.0f} µs  {k}" for k, v in spent.items()]
+    lines.append(f"{1e6 * rest / steps:9.0f} µs  embedding, norms, residuals, positions")
+    lines.append(
+        f"{1e6 * (total - step) / steps:9.0f} µs  outside the decoder (prefill, sampling, bookkeeping)"
+    )
+    return "\n".join(lines)
 
 
 def main(
