@@ -16,9 +16,9 @@ call, layouts that do the same math in fewer and larger products:
   CPU at batch 1 than F.linear's (V, D) layout.
 
 Products read the layout measured faster on a CPU for a few rows: x @ w with w stored (in, out), except the
-MoE down-projection (a wide input), which F.linear reads as (out, in). The decoder reads the model's weights when it is built:
-build a new one after the weights change (the engine builds one per `generate` call). `model(...)` with a
-cache stays the reference: tests/test_decode.py holds the two to 1e-5.
+MoE down-projection (a wide input), which F.linear reads as (out, in). The decoder copies the model's
+weights when it is built: build a new one after the weights change (the engine builds one per `generate`
+call). `model(...)` with a cache stays the reference: tests/test_decode.py holds the two to 1e-5.
 
 Legend: B rows, T new tokens per row, D hidden, H heads, r kv_lora_rank, dr rope dim, ql q_lora_rank,
 E routed experts, K experts per token, I expert intermediate size, S shared experts (of I each), V vocabulary.
