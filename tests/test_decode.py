@@ -102,3 +102,10 @@ def test_decoder_reads_the_weights_it_was_built_with():
         stale = decoder(torch.tensor([[4]]), cache, 3)
         fresh = Decoder(model, 1)(torch.tensor([[4]]), cache, 3)
     torch.testing.assert_close(stale * 2, fresh, atol=ATOL, rtol=0)
+
+
+def test_bf16_weights_decode_within_bf16_rounding():
+    model = _model().to(torch.bfloat16)  # e.g. imported bf16 weights, generating on a CPU
+    worst, ours, _ = _decode_both(model, [[1, 2, 3, 4, 5], [7, 8]], steps=4)
+    assert ours.kv[0].dtype == torch.bfloat16
+    assert worst < 2e-2  # the absorbed products are rounded to bf16 once, the model's per step
