@@ -10,6 +10,7 @@ under FSDP2 the full state dicts are gathered to rank 0, which writes them; ever
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,6 +49,9 @@ def init_distributed(device: str, timeout_s: float) -> DistInfo:
     if world_size == 1:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    # a fatal signal from a backend's C++ thread (SIGABRT, SIGSEGV) then prints every Python thread's stack
+    # to stderr, where torchrun alone reports only the exit code
+    faulthandler.enable()
     use_cuda = device != "cpu" and torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
