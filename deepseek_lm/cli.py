@@ -45,13 +45,26 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"deepseek-lm {__version__}")
         return 0
-    name, rest = argv[0], argv[1:]
+    name = argv[0]
     if name not in COMMANDS:
         print(
             f"deepseek-lm: error: unknown subcommand {name!r}; choose one of: {', '.join(COMMANDS)}",
             file=sys.stderr,
         )
         return 2
+    code = _run(name, argv[1:], debug)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process of a torchrun job, its work done
+        # Leave without interpreter finalization: there a C++ teardown of the distributed backend sometimes
+        # aborted the process ("terminate called without an active exception", with no Python frame left on
+        # the stack) after a finished run, and torchrun then reported the whole job as failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(name: str, rest: list[str], debug: bool) -> int:
+    """The subcommand's exit code; errors become one line on stderr (or a traceback with --debug)."""
     module_name, func_name = COMMANDS[name][0].split(":")
     try:
         func = getattr(importlib.import_module(module_name), func_name)

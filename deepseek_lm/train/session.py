@@ -78,8 +78,8 @@ def train(
             result = finish(t, monitor, reason, time.monotonic() - start)
             sys.stdout.flush()  # all the run printed is out before the teardown below, whatever happens there
             # leave together: a rank that tore its process group down while rank 0 was still sampling and
-            # saving aborted now and then ("terminate called without an active exception", 2 of 20 runs;
-            # rarer since, but not gone: tests/test_distributed.py reports it as a warning)
+            # saving aborted now and then ("terminate called without an active exception", 2 of 20 runs; the
+            # rest of that abort happened at interpreter exit, which the CLI now skips: cli.py)
             D.barrier(t.dist)
             return result
     finally:
