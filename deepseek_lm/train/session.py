@@ -77,9 +77,9 @@ def train(
             reason = train_loop(t, monitor, stop, peak, stop_at_step)
             result = finish(t, monitor, reason, time.monotonic() - start)
             sys.stdout.flush()  # all the run printed is out before the teardown below, whatever happens there
-            # leave together: a rank that tore its process group down while rank 0 was still sampling and
-            # saving aborted now and then ("terminate called without an active exception", 2 of 20 runs; the
-            # rest of that abort happened at interpreter exit, which the CLI now skips: cli.py)
+            # leave together: no rank tears its process group down while rank 0 still samples and saves.
+            # (The "terminate called without an active exception" aborts once blamed on that came from
+            # interpreter exit, which the CLI skips under torchrun: cli.py.)
             D.barrier(t.dist)
             return result
     finally:
