@@ -82,9 +82,9 @@ def decode_parts(engine, prompt, sampling, steps) -> str:
         return original
 
     parts = [
-        (decode._Attention, "__call__", "attention (all layers)"),
-        (decode.Decoder, "_mlp", "MLP / MoE (all layers)"),
-        (decode.Decoder, "logits", "LM head"),
+        (decode, "_attention", "attention (all layers)"),
+        (decode, "_ffn", "MLP / MoE (all layers)"),
+        (decode, "_head", "LM head"),
         (decode.Decoder, "__call__", "decode step"),
     ]
     spent.update((label, 0.0) for _, _, label in parts)  # report in this order

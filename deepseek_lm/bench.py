@@ -14,7 +14,8 @@ How each figure is measured (SPEC §8; the history of results is in benchmarks/R
 - MFU: `flops_per_token(seq_len)` × tokens/s over the matmul peak the bench measures at start.
 - decode: greedy generation through each library's own API (our `Engine`, transformers' `generate`).
   t(1) is the prefill plus the first token; decode tokens/s = B·(n − 1) / (t(n) − t(1)), so the prefill is
-  reported apart. Ours and transformers alternate per figure and round.
+  reported apart. Ours and transformers alternate per figure and round. With --compile, both decode through
+  their compiled paths, each compiled for every figure's shapes before the timed rounds.
 - KV cache: bytes per token over all layers; ours from `LatentCache`, transformers' from the tensors its
   `DynamicCache` holds after a prefill.
 Ratios are ours / transformers: above 1 is better for speeds, below 1 for memory.
@@ -87,7 +88,8 @@ HELP = {  # the command line's help, by BenchConfig field
     "compare_hf": "also measure transformers' DeepseekV3ForCausalLM, alternating with ours",
     "json": "write the results to this JSON file",
     "device": "auto, cpu or cuda",
-    "compile": "torch.compile each block for training (both implementations)",
+    "compile": "torch.compile both implementations: each block for training; for decoding our "
+    "Engine(compile=True) and transformers' generate with a static cache and its compile config",
     "batch_size": "training micro-batch (rows)",
     "seq_len": "training sequence length",
     "grad_accum": "micro-batches per optimizer step (the trainer's accumulation)",
@@ -548,7 +550,7 @@ def load_hf(config: DeepSeekConfig, state: dict, device: torch.device, dtype: to
 
 def measure_decoding(cfg, config, state: dict, device, impls: list[str], log) -> dict[str, dict[str, Any]]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    runners = {impl: _decoder(impl, config, state, device, dtype) for impl in impls}
+    runners = {impl: _decoder(impl, config, state, device, dtype, cfg.compile) for impl in impls}
     ctx = min(cfg.ctx_len, config.max_position_embeddings)
     g = torch.Generator().manual_seed(cfg.seed)
     figures = {  # name -> (prompt ids (B, T), new tokens)
@@ -556,8 +558,12 @@ def measure_decoding(cfg, config, state: dict, device, impls: list[str], log) ->
         "b8": (torch.randint(0, config.vocab_size, (cfg.decode_batch, cfg.prompt_len), generator=g), cfg.new_tokens),
         "b1_ctx2k": (torch.randint(0, config.vocab_size, (1, ctx - cfg.ctx_new_tokens), generator=g), cfg.ctx_new_tokens),
     }  # fmt: skip
-    for run in runners.values():  # warm up: first calls pay for allocations and kernel selection
-        run(figures["b1"][0].to(device), 2)
+    # warm up: first calls pay for allocations and kernel selection, compiled ones for every new shape
+    warmup = list(figures.values()) if cfg.compile else [(figures["b1"][0], 2)]
+    for run in runners.values():
+        for ids, n in warmup:
+            run(ids.to(device), n)
+            run(ids.to(device), 1)
     samples = {impl: {name: [] for name in figures} for impl in impls}
     for r in range(cfg.rounds):
         for name, (ids, n) in figures.items():
@@ -583,24 +589,25 @@ def _decode_once(run, ids: torch.Tensor, n: int) -> tuple[float, float]:
     return t1, ids.shape[0] * (n - 1) / max(tn - t1, 1e-9)
 
 
-def _decoder(impl: str, config, state, device, dtype) -> Callable[[torch.Tensor, int], float]:
+def _decoder(impl: str, config, state, device, dtype, compile: bool) -> Callable[[torch.Tensor, int], float]:
     """A function (prompt ids (B, T), n) -> seconds to generate n tokens greedily; `.model` is the model."""
     if impl == "ours":
         from deepseek_lm.generate.engine import Engine
         from deepseek_lm.generate.sampling import SamplingConfig
 
         model = load_ours(config, state, device, dtype).eval()
-        engine, greedy = Engine(model), SamplingConfig(temperature=0.0)
+        engine, greedy = Engine(model, compile=compile), SamplingConfig(temperature=0.0)
 
         def generate(ids: torch.Tensor) -> None:
             engine.generate_ids(ids.tolist(), n_tokens[0], sampling=greedy)
     else:
         model = load_hf(config, state, device, dtype).eval()
+        compiled = _hf_compiled_generation(device) if compile else {}
 
         @torch.inference_mode()
         def generate(ids: torch.Tensor) -> None:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens[0],
-                           min_new_tokens=n_tokens[0], do_sample=False, pad_token_id=0)  # fmt: skip
+                           min_new_tokens=n_tokens[0], do_sample=False, pad_token_id=0, **compiled)  # fmt: skip
 
     n_tokens = [1]
 
@@ -614,6 +621,18 @@ def _decoder(impl: str, config, state, device, dtype) -> Callable[[torch.Tensor,
 
     run.model = model  # type: ignore[attr-defined]
     return run
+
+
+def _hf_compiled_generation(device: torch.device) -> dict[str, Any]:
+    """`generate` keywords for transformers' compiled decoding: a static cache, whose forward transformers
+    compiles itself (mode reduce-overhead: CUDA graphs on a GPU); on a CPU only when asked to."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = device.type == "cpu" or None  # a flag, not an init argument
+    # every figure's shapes compile once each (transformers recompiles per cache length): keep them all
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return dict(cache_implementation="static", compile_config=compile_config)
 
 
 @torch.inference_mode()
@@ -638,7 +657,8 @@ def format_table(result: dict[str, Any]) -> str:
     names = dict(prompt=s["prompt_len"], ctx=ctx_prompt + s["ctx_new_tokens"], ctx_prompt=ctx_prompt)
     lines = [
         f"deepseek-lm bench: preset {s['preset']}, {s['dtype']}, train batch {s['batch_size']} × {s['seq_len']}"
-        + (f" × {s['grad_accum']} micro-batches" if s.get("grad_accum", 1) > 1 else ""),
+        + (f" × {s['grad_accum']} micro-batches" if s.get("grad_accum", 1) > 1 else "")
+        + (", torch.compile" if s.get("compile") else ", eager"),
         f"machine: {m['cpu']} ({m['cores']} cores), device {m['device']}, torch {m['torch']}, "
         f"commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, {m['date']}",
         f"matmul peak {s['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s; load average {m['load_avg_1m']:.1f} → "

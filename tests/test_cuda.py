@@ -73,8 +73,9 @@ def test_bf16_training_steps_reduce_the_loss(tiny_config):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decoder_equals_the_model_on_cuda(tiny_config, dtype):
+def test_decoder_equals_the_model_on_cuda(tiny_config, dtype, compile):
     from deepseek_lm.model.decode import Decoder
 
     model = get_model(tiny_config, device="cuda").eval().to(dtype)
@@ -83,7 +84,7 @@ def test_decoder_equals_the_model_on_cuda(tiny_config, dtype):
     with torch.no_grad():
         for cache in (ours, ref):
             model(ids[:, :8], cache=cache, start_pos=0)
-        decoder = Decoder(model, 3)
+        decoder = Decoder(model, 3, compile=compile)
         for t in range(8, 12):
             got = decoder(ids[:, t : t + 1], ours, t).float()
             want = model(ids[:, t : t + 1], cache=ref, start_pos=t).logits[:, -1].float()

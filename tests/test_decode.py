@@ -70,11 +70,14 @@ def test_decode_steps_equal_the_model(variant, batch):
 
 
 def test_dense_experts_only_where_tokens_pick_most_experts():
+    def dense(decoder):
+        return [f.experts_gu is None for f in decoder.weights.ffn]
+
     few = _model()  # 4 experts, 2 per token: a single row already picks half
-    assert all(m is not None for m in Decoder(few, 1).mlp)
+    assert dense(Decoder(few, 1)) == [True, True]
     many = _model(**VARIANTS["many experts (sparse at batch 1)"])  # 16 experts, 2 per token
-    assert all(m is None for m in Decoder(many, 1).mlp)  # the model's sparse MoE
-    assert all(m is not None for m in Decoder(many, 4).mlp)  # 4 rows · 2 ≥ 16 / 2
+    assert dense(Decoder(many, 1)) == [False, False]  # each token's experts gathered
+    assert dense(Decoder(many, 4)) == [True, True]  # 4 rows · 2 ≥ 16 / 2
 
 
 def test_several_tokens_per_row_equal_the_model():
@@ -109,3 +112,44 @@ def test_bf16_weights_decode_within_bf16_rounding():
     worst, ours, _ = _decode_both(model, [[1, 2, 3, 4, 5], [7, 8]], steps=4)
     assert ours.kv[0].dtype == torch.bfloat16
     assert worst < 2e-2  # the absorbed products are rounded to bf16 once, the model's per step
+
+
+@pytest.mark.slow
+def test_compiled_steps_equal_the_model_and_are_shared_by_decoders():
+    """One torch.compile per configuration, batch size and cache length (~20 s on a CPU): a second decoder,
+    over other weights of the same shapes, reuses the graph."""
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    for _ in range(2):  # two models: new weights, same shapes
+        model = _model()
+        ours, ref = model.new_cache(2, 256), model.new_cache(2, 256)  # the engine's length for tiny
+        prompt = torch.randint(0, 512, (2, 6))
+        decoder = Decoder(model, 2, compile=True)
+        pos = torch.tensor([6, 4])  # ragged rows: per-row positions, as the engine passes them
+        with torch.no_grad():
+            for cache in (ours, ref):
+                model(prompt, cache=cache, start_pos=0)
+            ids = prompt.gather(1, pos[:, None] - 1)
+            for _ in range(4):
+                got = decoder(ids, ours, pos)
+                want = model(ids, cache=ref, start_pos=pos).logits[:, -1]
+                torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+                ids, pos = want.argmax(-1, keepdim=True), pos + 1
+        for a, b in zip(ours.kv, ref.kv):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
+@pytest.mark.slow
+def test_compiled_engine_generates_what_the_eager_one_does():
+    from deepseek_lm.generate.engine import Engine
+    from deepseek_lm.generate.sampling import SamplingConfig
+
+    model, greedy = _model(), SamplingConfig(temperature=0)
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]  # ragged: the graph of the test above (batch 2, cache 256)
+    eager = Engine(model).generate_ids(prompts, 8, sampling=greedy, output_logits=True)
+    compiled = Engine(model, compile=True).generate_ids(prompts, 8, sampling=greedy, output_logits=True)
+    for a, b in zip(eager, compiled):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(a.logits, b.logits, atol=ATOL, rtol=0)

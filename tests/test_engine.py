@@ -199,22 +199,24 @@ def test_cache_holds_latent_and_rope_key_only(engine):
     assert cache.bytes_per_token() == cfg.num_hidden_layers * per_token * 4
 
 
-def test_stream_callback_receives_text_before_generation_ends(engine):
+def test_stream_callback_receives_text_before_generation_ends(engine, monkeypatch):
+    from deepseek_lm.model import decode
+
     engine.eos_token_id = None
-    forwards = []
-    # every forward (the prefill through the model, each decode step) embeds its tokens once
-    handle = engine.model.embed_tokens.register_forward_hook(lambda *_: forwards.append(1))
+    steps = []
+    step = decode.decode_step  # every decode step after the prefill runs through it
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "decode_step", counted)
     seen_at = []
-    try:
-        out = engine.generate(
-            "The",
-            max_new_tokens=30,
-            temperature=0,
-            stream=lambda i, piece: seen_at.append((len(forwards), piece)),
-        )
-    finally:
-        handle.remove()
-    assert seen_at and seen_at[0][0] < len(forwards) // 2  # first text after a few of the ~30 forwards
+    out = engine.generate(
+        "The", max_new_tokens=30, temperature=0, stream=lambda i, piece: seen_at.append((len(steps), piece))
+    )
+    assert len(steps) == 29  # the first token comes from the prefill
+    assert seen_at and seen_at[0][0] < len(steps) // 2  # first text after a few of the steps
     assert "".join(p for _, p in seen_at) == out.text
 
 

@@ -7,142 +7,272 @@ call, layouts that do the same math in fewer and larger products:
 
 - MLA, absorbed (DeepSeek-V2 §2.1.3, V3 `inference/model.py`): W_uk folded into the query projection and
   W_uv into the output projection ahead of time, instead of two einsums per step; the down-projections of
-  the query and of the latent KV read x in one product.
-- DeepSeekMoE at small batches: when the step's tokens pick most experts anyway (T·K ≥ E/2), every expert and
+  the query and of the latent KV read x in one product. The softmax scale is folded into the query, and
+  RoPE reads each rope vector's pair-swapped copy from extra columns of the same product
+  (x·cos + swap(x)·sin, two in-place operations instead of a flip, a copy and a cat).
+- RMSNorm weights folded into the product that follows the norm wherever the decoder copies that product's
+  weights anyway (attention in, query up, FFN in, router); the norm itself then runs without a weight.
+- DeepSeekMoE at small batches: when the step's tokens pick most experts anyway (B·K ≥ E/2), every expert and
   the shared experts run as one up-projection and one down-projection, with the gate weights of unchosen
-  experts zero. Routing is the model's own `Router`, so the same experts win; the outputs equal the sparse
-  sum up to the order of fp32 additions. Otherwise the model's sparse MoE runs as in the forward.
+  experts zero. Otherwise each token's K experts are gathered and run as two batched products, with no
+  host synchronisation (the model's sparse dispatch sorts and counts). Routing is the model's own `route`,
+  so the same experts win; the outputs equal the model's up to the order of fp32 additions.
 - The LM head as a (D, V) copy: a (B, D) @ (D, V) product streams the weight row by row, ~3× faster on a
   CPU at batch 1 than F.linear's (V, D) layout.
 
-Products read the layout measured faster on a CPU for a few rows: x @ w with w stored (in, out), except the
-MoE down-projection (a wide input), which F.linear reads as (out, in). The decoder copies the model's
-weights when it is built: build a new one after the weights change (the engine builds one per `generate`
-call). `model(...)` with a cache stays the reference: tests/test_decode.py holds the two to 1e-5.
+The step itself, `decode_step`, is a function of tensors and the config with static shapes, so
+`Decoder(..., compile=True)` runs it through `torch.compile` (one graph per batch size and cache length,
+shared by every decoder; on a CPU with inductor's C++ wrapper, which calls the kernels without Python in
+between). Eager, it attends to the cache positions in use; compiled, to the whole cache under a mask.
+
+The decoder copies the model's weights when it is built: build a new one after the weights change (the
+engine builds one per `generate` call). `model(...)` with a cache stays the reference: tests/test_decode.py
+holds the two to 1e-5.
 
 Legend: B rows, T new tokens per row, D hidden, H heads, r kv_lora_rank, dr rope dim, ql q_lora_rank,
-E routed experts, K experts per token, I expert intermediate size, S shared experts (of I each), V vocabulary.
+E routed experts, K experts per token, I expert intermediate size, S shared experts (of I each), V vocabulary,
+L cache positions attended, A = B·T·K token-expert assignments.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from deepseek_lm.model.layers import apply_rope
-from deepseek_lm.model.mla import MLA, LatentCache, Positions, latent_attention, make_positions, write_latent
-from deepseek_lm.model.moe import MoE
-from deepseek_lm.model.transformer import Block, DeepSeekLM
+from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.model.mla import MLA, LatentCache, make_positions
+from deepseek_lm.model.moe import MoE, route
+from deepseek_lm.model.transformer import DeepSeekLM
 
 
+@dataclass
 class _Attention:
-    """One layer's MLA with W_uk and W_uv absorbed."""
+    """One layer's MLA, absorbed; the input norm, the q norm and the softmax scale folded in."""
 
-    def __init__(self, attn: MLA) -> None:
-        H, dn, dr, dv, r = attn.n_heads, attn.dn, attn.dr, attn.dv, attn.kv_lora_rank
-        self.attn, self.H, self.r, self.dr = attn, H, r, dr
-        w_ukv = attn.kv_b_proj.weight.view(H, dn + dv, r)
-        w_q = (attn.q_proj if attn.q_lora_rank == 0 else attn.q_b_proj).weight.view(H, dn + dr, -1)
-        # per head [W_uk^T W_q_nope ; W_q_pe]: q_lat and q_pe straight from x (or c_q)
-        w_q_abs = torch.cat((torch.einsum("hdr,hdq->hrq", w_ukv[:, :dn], w_q[:, :dn]), w_q[:, dn:]), dim=1)
-        w_q_abs = w_q_abs.reshape(H * (r + dr), -1)  # (H·(r + dr), ql or D)
-        w_kv = attn.kv_a_proj_with_mqa.weight  # (r + dr, D)
-        if attn.q_lora_rank == 0:  # q from x: the query and the latent KV in one product
-            self.w_in = torch.cat((w_q_abs, w_kv)).t().contiguous()  # (D, H·(r + dr) + r + dr)
-            self.w_q = None
-            self.split = [H * (r + dr), r, dr]
+    w_in: (
+        torch.Tensor
+    )  # (D, ql + r + 2·dr), or (D, H·(r + 2·dr) + r + 2·dr) without q lora: [q | c_kv | k_pe | swap]
+    w_q: torch.Tensor | None  # (ql, H·(r + 2·dr)): per head [q_lat | q_pe], then per head swap(q_pe)
+    kv_norm: torch.Tensor  # (r,) the latent's norm weight: the cache holds the model's normed c_kv
+    w_out: torch.Tensor  # (H·r, D): W_o·W_uv
+
+
+@dataclass
+class _FFN:
+    """One layer's feed-forward: SwiGLUs side by side as one product pair — the dense FFN, or the shared
+    experts plus (when dense) every routed expert — and otherwise the routed experts gathered per token."""
+
+    norm: torch.Tensor | None  # the post-attention norm's weight; None when folded into w_in and router
+    w_in: torch.Tensor | None  # (D, 2·n·I): the n SwiGLUs' gates, then their ups
+    w_down: torch.Tensor | None  # (D, n·I): F.linear's layout, which a CPU reads faster for this wide input
+    always_on: int  # leading columns of the activation with weight 1 (the dense FFN or the shared experts)
+    router: torch.Tensor | None  # (D, E) fp32; None for a dense FFN
+    bias: torch.Tensor | None  # (E,) the selection bias
+    experts_gu: torch.Tensor | None  # (E, 2I, D) the model's own, gathered per token; None when dense
+    experts_down: torch.Tensor | None  # (E, D, I)
+
+
+@dataclass
+class DecoderWeights:
+    config: DeepSeekConfig
+    embed: torch.Tensor  # (V, D)
+    rope: torch.Tensor  # (2, max positions, dr) in the weights' dtype
+    attn: list[_Attention]
+    ffn: list[_FFN]
+    norm: torch.Tensor  # (D,) final norm weight
+    head_DV: torch.Tensor  # (D, V)
+
+
+def _pair_swap(n: int) -> torch.Tensor:
+    """Index (1, 0, 3, 2, ...): row j of a rope projection by it gives x_{j^1}, RoPE's rotation partner."""
+    return torch.arange(n).view(-1, 2).flip(-1).flatten()
+
+
+def _attention_weights(attn: MLA, norm_w: torch.Tensor) -> _Attention:
+    H, dn, dr, dv, r = attn.n_heads, attn.dn, attn.dr, attn.dv, attn.kv_lora_rank
+    w_ukv = attn.kv_b_proj.weight.view(H, dn + dv, r)
+    w_q = (attn.q_proj if attn.q_lora_rank == 0 else attn.q_b_proj).weight.view(H, dn + dr, -1)
+    w_q_pe = w_q[:, dn:]
+    # per head [W_uk^T W_q_nope ; W_q_pe], then every head's swapped W_q_pe rows; q from c_q (or x)
+    w_q_abs = torch.cat((torch.einsum("hdr,hdq->hrq", w_ukv[:, :dn], w_q[:, :dn]), w_q_pe), dim=1)
+    w_q_all = torch.cat((w_q_abs.flatten(0, 1), w_q_pe[:, _pair_swap(dr)].flatten(0, 1))) * attn.scale
+    w_kv = attn.kv_a_proj_with_mqa.weight  # (r + dr, D)
+    w_kv = torch.cat((w_kv, w_kv[r:][_pair_swap(dr)]))  # (r + 2·dr, D)
+    if attn.q_lora_rank == 0:
+        w_in, w_q_out = torch.cat((w_q_all, w_kv)), None
+    else:
+        w_in = torch.cat((attn.q_a_proj.weight, w_kv))
+        w_q_out = (w_q_all * attn.q_a_layernorm.weight).t().contiguous()
+    w_o = attn.o_proj.weight.view(-1, H, dv)  # (D, H, dv)
+    return _Attention(
+        w_in=(w_in * norm_w).t().contiguous(),
+        w_q=w_q_out,
+        kv_norm=attn.kv_a_layernorm.weight.clone(),
+        w_out=torch.einsum("Dhv,hvr->hrD", w_o, w_ukv[:, dn:]).reshape(H * r, -1).contiguous(),
+    )
+
+
+def _ffn_weights(mlp: torch.nn.Module, norm_w: torch.Tensor, dense: bool) -> _FFN:
+    """dense: the routed experts join the always-on SwiGLUs (a dense FFN layer is always 'dense')."""
+    if not isinstance(mlp, MoE):  # the dense FFN of the first layers
+        gates, ups, downs = [mlp.gate_proj.weight], [mlp.up_proj.weight], [mlp.down_proj.weight]
+    elif mlp.shared_experts is not None:
+        sh = mlp.shared_experts
+        gates, ups, downs = [sh.gate_proj.weight], [sh.up_proj.weight], [sh.down_proj.weight]
+    else:
+        gates, ups, downs = [], [], []
+    always_on = sum(w.shape[0] for w in gates)
+    router = bias = experts_gu = experts_down = None
+    if isinstance(mlp, MoE):
+        E = mlp.config.n_routed_experts
+        router, bias = mlp.gate.weight.float(), mlp.gate.e_score_correction_bias.clone()
+        if dense:
+            gate_EID, up_EID = mlp.experts.gate_up_proj.view(E, 2, -1, norm_w.shape[0]).unbind(1)
+            gates.append(gate_EID.flatten(0, 1))
+            ups.append(up_EID.flatten(0, 1))
+            downs.append(mlp.experts.down_proj.transpose(0, 1).flatten(1))  # (D, E·I)
         else:
-            self.w_in = torch.cat((attn.q_a_proj.weight, w_kv)).t().contiguous()  # (D, ql + r + dr)
-            self.w_q = w_q_abs.t().contiguous()  # (ql, H·(r + dr))
-            self.split = [attn.q_lora_rank, r, dr]
-        w_o = attn.o_proj.weight.view(-1, H, dv)  # (D, H, dv)
-        self.w_out = torch.einsum("Dhv,hvr->hrD", w_o, w_ukv[:, dn:]).reshape(H * r, -1).contiguous()
-
-    def __call__(self, x: torch.Tensor, pos: Positions, cache: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D) normed -> attention output (B, T, D); writes the tokens' latents into `cache`."""
-        B, T, _ = x.shape
-        q, c_kv, k_pe = (x @ self.w_in).split(self.split, dim=-1)
-        if self.w_q is not None:
-            q = self.attn.q_a_layernorm(q) @ self.w_q
-        q_lat, q_pe = q.view(B, T, self.H, -1).split([self.r, self.dr], dim=-1)  # (B, T, H, r | dr)
-        q = torch.cat((q_lat, apply_rope(q_pe, pos.cos, pos.sin)), dim=-1)
-        k_pe = apply_rope(k_pe[:, :, None], pos.cos, pos.sin)[:, :, 0]  # (B, T, dr)
-        write_latent(cache, torch.cat((self.attn.kv_a_layernorm(c_kv), k_pe), dim=-1), pos)
-        o_lat = latent_attention(q, cache, pos, self.attn.scale, self.r)  # (B, T, H, r)
-        return o_lat.reshape(B, T, -1) @ self.w_out
+            experts_gu, experts_down = mlp.experts.gate_up_proj, mlp.experts.down_proj
+    fold = dense or not isinstance(mlp, MoE)  # the norm folds only where every product is a copy
+    scale = norm_w if fold else torch.ones_like(norm_w)
+    return _FFN(
+        norm=None if fold else norm_w,
+        w_in=(torch.cat(gates + ups) * scale).t().contiguous() if gates else None,
+        w_down=torch.cat(downs, dim=1) if downs else None,
+        always_on=always_on,
+        router=(router * scale.float()).t().contiguous() if router is not None else None,
+        bias=bias,
+        experts_gu=experts_gu,
+        experts_down=experts_down,
+    )
 
 
-class _DenseExperts:
-    """A MoE layer as two products over all experts: [shared | routed] gate and up, then down."""
+def decode_step(
+    w: DecoderWeights, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor], masked: bool
+) -> torch.Tensor:
+    """ids (B, T) at absolute positions pos_BT (B, T) -> logits after each row's last token (B, V).
 
-    def __init__(self, moe: MoE) -> None:
-        cfg = moe.config
-        E, inter = cfg.n_routed_experts, cfg.moe_intermediate_size
-        self.moe, self.E, self.S = moe, E, cfg.n_shared_experts
-        gate_EID, up_EID = moe.experts.gate_up_proj.view(E, 2, inter, -1).unbind(1)
-        down_EDI = moe.experts.down_proj
-        gates, ups, downs = (
-            [gate_EID.flatten(0, 1)],
-            [up_EID.flatten(0, 1)],
-            [down_EDI.transpose(0, 1).flatten(1)],
-        )
-        if moe.shared_experts is not None:  # S shared experts of I each, as one SwiGLU of S·I
-            sh = moe.shared_experts
-            gates.insert(0, sh.gate_proj.weight)
-            ups.insert(0, sh.up_proj.weight)
-            downs.insert(0, sh.down_proj.weight)
-        self.w_in = torch.cat(gates + ups).t().contiguous()  # (D, 2·(S + E)·I): all gates, then all ups
-        # (D, (S + E)·I): F.linear's layout, which a CPU reads faster for this wide input
-        self.w_down = torch.cat(downs, dim=1)
+    kvs: per layer the (B, L, r + dr) cache the step writes its latents into and attends to; a position
+    p > pos is hidden when `masked` (needed unless L = the single position + 1 of every row).
+    """
+    cfg, B = w.config, ids_BT.shape[0]
+    x = F.embedding(ids_BT, w.embed)  # (B, T, D)
+    cos, sin = w.rope[:, pos_BT, None]  # (B, T, 1, dr) each
+    hide = None
+    if masked:  # (B, T, 1, L): True where a position is after the token's own
+        hide = torch.arange(kvs[0].shape[1], device=ids_BT.device) > pos_BT[..., None, None]
+    rows_B1 = torch.arange(B, device=ids_BT.device)[:, None]
+    for attn, ffn, kv in zip(w.attn, w.ffn, kvs):
+        h = F.rms_norm(x, (x.shape[-1],), None, cfg.rms_norm_eps)  # its weight is in attn.w_in
+        x = x + _attention(attn, cfg, h, cos, sin, kv, rows_B1, pos_BT, hide)
+        x = x + _ffn(ffn, cfg, x)
+    return _head(w, F.rms_norm(x[:, -1], (x.shape[-1],), w.norm, cfg.rms_norm_eps))
 
-    def __call__(self, x_TD: torch.Tensor) -> torch.Tensor:
-        topk_ids_TK, w_TK, _ = self.moe.gate(x_TD)
-        T = x_TD.shape[0]
-        w_TE = torch.zeros(T, self.S + self.E, dtype=w_TK.dtype, device=x_TD.device)
-        w_TE[:, : self.S] = 1.0  # the shared experts: always on, weight 1
-        w_TE.scatter_(1, topk_ids_TK + self.S, w_TK)
-        gate, up = (x_TD @ self.w_in).chunk(2, dim=-1)  # (T, (S + E)·I) each
-        act = (F.silu(gate) * up).view(T, self.S + self.E, -1) * w_TE[..., None].to(x_TD.dtype)
-        return F.linear(act.view(T, -1), self.w_down)
+
+def _attention(a: _Attention, cfg: DeepSeekConfig, h, cos, sin, kv, rows_B1, pos_BT, hide) -> torch.Tensor:
+    """h (B, T, D) normed -> (B, T, D); writes the tokens' [c_kv | k_pe] into kv at pos_BT."""
+    B, T, _ = h.shape
+    H, r, dr, ql = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.q_lora_rank
+    y = h @ a.w_in
+    if a.w_q is None:
+        q, lat = y.split([H * (r + 2 * dr), r + 2 * dr], dim=-1)
+    else:
+        c_q, lat = y.split([ql, r + 2 * dr], dim=-1)
+        q = F.rms_norm(c_q, (ql,), None, cfg.rms_norm_eps) @ a.w_q
+    q, q_swap = q.split([H * (r + dr), H * dr], dim=-1)
+    q = q.unflatten(-1, (H, r + dr))  # (B, T, H, r + dr), scaled
+    q[..., r:].mul_(cos).addcmul_(q_swap.unflatten(-1, (H, dr)), sin)  # RoPE: x·cos + swap(x)·sin
+    c_kv, k_pe, k_swap = lat.split([r, dr, dr], dim=-1)
+    k_pe.mul_(cos[:, :, 0]).addcmul_(k_swap, sin[:, :, 0])
+    kv[rows_B1, pos_BT] = torch.cat((F.rms_norm(c_kv, (r,), a.kv_norm, cfg.rms_norm_eps), k_pe), dim=-1)
+    # all heads read the same latent rows (MQA in the latent space); a position's value is its c_kv
+    scores = torch.bmm(q.flatten(1, 2), kv.transpose(1, 2))  # (B, T·H, L)
+    if hide is not None:
+        scores = scores.view(B, T, H, -1).masked_fill_(hide, float("-inf")).flatten(1, 2)
+    o_lat = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(kv.dtype), kv[..., :r])  # (B, T·H, r)
+    return o_lat.view(B, T, H * r) @ a.w_out
+
+
+def _ffn(f: _FFN, cfg: DeepSeekConfig, x: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), the residual stream (normed here) -> (B, T, D)."""
+    B, T, D = x.shape
+    h_ND = F.rms_norm(x, (D,), f.norm, cfg.rms_norm_eps).view(B * T, D)
+    if f.router is not None:
+        ids_NK, w_NK, _ = route(h_ND.float() @ f.router, f.bias, cfg, with_probs=False)
+    out = None
+    if f.w_in is not None:
+        gate, up = (h_ND @ f.w_in).chunk(2, dim=-1)
+        act = F.silu(gate) * up  # (N, n·I)
+        if f.router is not None and f.experts_gu is None:  # dense: unchosen experts weigh 0
+            w_NE = h_ND.new_zeros(B * T, f.router.shape[1]).scatter_(1, ids_NK, w_NK.to(h_ND.dtype))
+            act[:, f.always_on :].unflatten(-1, (w_NE.shape[1], -1)).mul_(w_NE[..., None])
+        out = F.linear(act, f.w_down)
+    if f.experts_gu is not None:  # each token's K experts, gathered: (A, 2I, D) and (A, D, I)
+        K, ids_A = ids_NK.shape[1], ids_NK.flatten()
+        x_AD1 = h_ND.repeat_interleave(K, dim=0)[..., None]
+        gate, up = torch.bmm(f.experts_gu[ids_A], x_AD1)[..., 0].chunk(2, dim=-1)
+        y_AD = torch.bmm(f.experts_down[ids_A], (F.silu(gate) * up)[..., None])[..., 0]
+        routed = (y_AD.view(-1, K, D) * w_NK[..., None].to(y_AD.dtype)).sum(1)
+        out = routed if out is None else out + routed
+    return out.view(B, T, D)
+
+
+def _head(w: DecoderWeights, h_BD: torch.Tensor) -> torch.Tensor:
+    return h_BD @ w.head_DV
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_step(device_type: str) -> Callable:
+    """One compiled `decode_step` per device type, shared by all decoders (graphs keyed by shapes only)."""
+    if device_type not in _COMPILED:
+        # a CPU step is ~130 tiny kernels: the C++ wrapper calls them without Python in between
+        options = {"cpp_wrapper": True} if device_type == "cpu" else None
+        _COMPILED[device_type] = torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
+    return _COMPILED[device_type]
 
 
 class Decoder:
     """`decoder(ids, cache, start_pos)` = the next-token logits of `model(ids, cache=..., start_pos=...)`.
 
     ids (B, T) long; returns (B, V) logits after each row's last token. `batch_size` is the number of rows
-    the decoder will see per step: it decides which MoE layers run dense.
+    the decoder will see per step: it decides which MoE layers run dense. `compile`: run the step through
+    `torch.compile` (the first step of each new batch size and cache length compiles, ~20 s on a CPU).
     """
 
-    def __init__(self, model: DeepSeekLM, batch_size: int) -> None:
+    def __init__(self, model: DeepSeekLM, batch_size: int, compile: bool = False) -> None:
         cfg = model.config
-        self.model = model
-        dense_moe = 2 * batch_size * cfg.num_experts_per_tok >= cfg.n_routed_experts
+        self.model, self.compile = model, compile
+        dense = 2 * batch_size * cfg.num_experts_per_tok >= cfg.n_routed_experts
         with torch.no_grad():
-            self.attn = [_Attention(b.self_attn) for b in model.layers]
-            self.mlp = [
-                _DenseExperts(b.mlp) if dense_moe and isinstance(b.mlp, MoE) else None for b in model.layers
-            ]
-            self.head_DV = model.lm_head.weight.t().contiguous()
+            self.weights = DecoderWeights(
+                config=cfg,
+                embed=model.embed_tokens.weight,
+                rope=model.rope.to(model.embed_tokens.weight.dtype),
+                attn=[_attention_weights(b.self_attn, b.input_layernorm.weight) for b in model.layers],
+                ffn=[_ffn_weights(b.mlp, b.post_attention_layernorm.weight, dense) for b in model.layers],
+                norm=model.norm.weight.clone(),
+                head_DV=model.lm_head.weight.t().contiguous(),
+            )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., D) -> logits (..., V)."""
-        return hidden @ self.head_DV
+        return _head(self.weights, hidden)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, cache: LatentCache, start_pos: int | torch.Tensor) -> torch.Tensor:
-        model = self.model
         B, T = ids.shape
-        pos = make_positions(model.rope, B, T, start_pos, True, cache.max_len)
-        x = model.embed_tokens(ids)
-        for block, attn, mlp, kv in zip(model.layers, self.attn, self.mlp, cache.kv):
-            x = x + attn(block.input_layernorm(x), pos, kv)
-            x = x + self._mlp(block, mlp, block.post_attention_layernorm(x))
-        return self.logits(model.norm(x[:, -1]))
-
-    @staticmethod
-    def _mlp(block: Block, dense: _DenseExperts | None, h: torch.Tensor) -> torch.Tensor:
-        if dense is not None:
-            return dense(h.flatten(0, 1)).view_as(h)
-        if isinstance(block.mlp, MoE):
-            return block.mlp(h)[0]
-        return block.mlp(h)
+        pos = make_positions(self.model.rope, B, T, start_pos, True, cache.max_len)  # checks the positions
+        if pos.pos_BT is None:  # one start for all rows
+            pos_BT = torch.arange(pos.start, pos.kv_len, device=ids.device).expand(B, T)
+        else:
+            pos_BT = pos.pos_BT
+        if self.compile:  # static shapes and strides (a graph per layout): the whole cache, masked
+            step = _compiled_step(ids.device.type)
+            return step(self.weights, ids.contiguous(), pos_BT.contiguous(), cache.kv, True)
+        kvs = [kv[:, : pos.kv_len] for kv in cache.kv]
+        return decode_step(self.weights, ids, pos_BT, kvs, masked=T > 1 or pos.pos_BT is not None)

@@ -50,32 +50,39 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> topk_ids_TK, gate weights_TK (fp32), routing probabilities_TE (fp32, sum to 1 per token)."""
-        cfg = self.config
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
-        if cfg.scoring_func == "sigmoid":
-            scores_TE = logits_TE.sigmoid()
-            probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)  # V3's normalised s' for the aux loss
-        else:
-            scores_TE = probs_TE = logits_TE.softmax(-1)
-        with torch.no_grad():
-            topk_ids_TK = self._select(scores_TE + self.e_score_correction_bias)
-        w_TK = scores_TE.gather(1, topk_ids_TK)
-        if cfg.norm_topk_prob:
-            w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
-        return topk_ids_TK, w_TK * cfg.routed_scaling_factor, probs_TE
+        return route(F.linear(x_TD.float(), self.weight.float()), self.e_score_correction_bias, self.config)
 
-    def _select(self, choice_TE: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        if cfg.n_group > 1:
-            choice_TGe = choice_TE.view(choice_TE.shape[0], cfg.n_group, -1)
-            if cfg.scoring_func == "sigmoid":
-                group_TG = choice_TGe.topk(2, dim=-1).values.sum(-1)
-            else:
-                group_TG = choice_TGe.amax(-1)
-            keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-            keep_TG.scatter_(1, group_TG.topk(cfg.topk_group, dim=-1, sorted=False).indices, True)
-            choice_TE = choice_TGe.masked_fill(~keep_TG[..., None], float("-inf")).flatten(1)
-        return choice_TE.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+
+def route(logits_TE: torch.Tensor, bias_E: torch.Tensor, cfg: DeepSeekConfig, with_probs: bool = True):
+    """Router logits (T, E) fp32 -> topk_ids_TK, gate weights_TK, probabilities_TE (None without `with_probs`).
+
+    A function of tensors and the config, so that the decoder's compiled step (decode.py) routes the same way.
+    """
+    if cfg.scoring_func == "sigmoid":
+        scores_TE = logits_TE.sigmoid()
+        # V3's normalised s' for the aux loss
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True) if with_probs else None
+    else:
+        scores_TE = probs_TE = logits_TE.softmax(-1)
+    with torch.no_grad():
+        topk_ids_TK = _select(scores_TE + bias_E, cfg)
+    w_TK = scores_TE.gather(1, topk_ids_TK)
+    if cfg.norm_topk_prob:
+        w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
+    return topk_ids_TK, w_TK * cfg.routed_scaling_factor, probs_TE
+
+
+def _select(choice_TE: torch.Tensor, cfg: DeepSeekConfig) -> torch.Tensor:
+    if cfg.n_group > 1:
+        choice_TGe = choice_TE.view(choice_TE.shape[0], cfg.n_group, -1)
+        if cfg.scoring_func == "sigmoid":
+            group_TG = choice_TGe.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_TG = choice_TGe.amax(-1)
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_TG.topk(cfg.topk_group, dim=-1, sorted=False).indices, True)
+        choice_TE = choice_TGe.masked_fill(~keep_TG[..., None], float("-inf")).flatten(1)
+    return choice_TE.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
 
 
 class Experts(nn.Module):
@@ -110,7 +117,8 @@ class Experts(nn.Module):
         if not hasattr(torch, "_grouped_mm") or x.shape[0] == 0:
             return False
         if x.device.type == "cpu":  # one C++ loop over the experts: less overhead than the Python slices
-            return dtype in (torch.float32, torch.bfloat16)
+            # (eager only: under torch.compile the op's shape function accepts nothing but bf16)
+            return dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
         # the CUDA kernel: bf16 on Hopper or newer, rows 16-byte aligned
         D, inter = self.down_proj.shape[1:]
         return (
