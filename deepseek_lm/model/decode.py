@@ -25,8 +25,9 @@ The step itself, `decode_step`, is a function of tensors and the config with sta
 shared by every decoder; on a CPU with inductor's C++ wrapper, which calls the kernels without Python in
 between). Eager, it attends to the cache positions in use; compiled, to the whole cache under a mask.
 
-The decoder copies the model's weights when it is built: build a new one after the weights change (the
-engine builds one per `generate` call). `model(...)` with a cache stays the reference: tests/test_decode.py
+The decoder holds rearranged copies of the model's weights, made when it is built (gathered experts read
+the model's own tensors): build a new one after the weights change (the engine builds one per `generate`
+call). `model(...)` with a cache stays the reference: tests/test_decode.py
 holds the two to 1e-5.
 
 Legend: B rows, T new tokens per row, D hidden, H heads, r kv_lora_rank, dr rope dim, ql q_lora_rank,
@@ -52,9 +53,8 @@ from deepseek_lm.model.transformer import DeepSeekLM
 class _Attention:
     """One layer's MLA, absorbed; the input norm, the q norm and the softmax scale folded in."""
 
-    w_in: (
-        torch.Tensor
-    )  # (D, ql + r + 2·dr), or (D, H·(r + 2·dr) + r + 2·dr) without q lora: [q | c_kv | k_pe | swap]
+    # (D, ql + r + 2·dr): [c_q | c_kv | k_pe | swap(k_pe)]; without q lora (D, H·(r + 2·dr) + r + 2·dr), q first
+    w_in: torch.Tensor
     w_q: torch.Tensor | None  # (ql, H·(r + 2·dr)): per head [q_lat | q_pe], then per head swap(q_pe)
     kv_norm: torch.Tensor  # (r,) the latent's norm weight: the cache holds the model's normed c_kv
     w_out: torch.Tensor  # (H·r, D): W_o·W_uv
