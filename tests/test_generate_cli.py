@@ -85,6 +85,17 @@ def test_generate_prints_prompt_and_completion(capsys, run_dir, engine):
     assert capsys.readouterr().out == "The" + expected + "\n"
 
 
+@pytest.mark.slow
+def test_compiled_generation_samples_what_eager_does_with_nothing_but_the_text_printed(capsys, run_dir):
+    args = ["generate", "--checkpoint", str(run_dir), "--prompt", "The", "--max-new-tokens", "12"]
+    args += ["--seed", "3"]
+    assert main(args) == 0
+    eager = capsys.readouterr()
+    assert main([*args, "--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out and compiled.err == eager.err == ""  # no compiler chatter
+
+
 def test_generate_batch_from_flags_and_file(capsys, run_dir, engine, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("A function\n\nThe value\n")

@@ -80,7 +80,8 @@ def main_generate(argv: list[str]) -> int:
         **dataclasses.asdict(sampling),
     )
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("always")  # ours, e.g. a prompt cut to fit the context, every time
+        warnings.simplefilter("ignore", DeprecationWarning)  # libraries' notes to developers (torch.compile's)
         warnings.showwarning = _show_warning
         if len(prompts) == 1:
             _stream_one(engine, prompts[0], settings)
