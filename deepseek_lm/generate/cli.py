@@ -81,7 +81,7 @@ def main_generate(argv: list[str]) -> int:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # ours, e.g. a prompt cut to fit the context, every time
-        warnings.simplefilter("ignore", DeprecationWarning)  # libraries' notes to developers (torch.compile's)
+        warnings.simplefilter("ignore", DeprecationWarning)  # libraries' notes (torch.compile's)
         warnings.showwarning = _show_warning
         if len(prompts) == 1:
             _stream_one(engine, prompts[0], settings)

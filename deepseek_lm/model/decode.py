@@ -241,7 +241,8 @@ class Decoder:
 
     ids (B, T) long; returns (B, V) logits after each row's last token. `batch_size` is the number of rows
     the decoder will see per step: it decides which MoE layers run dense. `compile`: run the step through
-    `torch.compile` (the first step of each new batch size and cache length compiles, ~20 s on a CPU).
+    `torch.compile` (the first step of each new batch size and cache length compiles, ~20 s on a CPU; past
+    torch._dynamo's recompile limit, 8 shapes per process by default, new shapes run eager).
     """
 
     def __init__(self, model: DeepSeekLM, batch_size: int, compile: bool = False) -> None:
