@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_lm.config import DeepSeekConfig
-from deepseek_lm.model.mla import MLA, LatentCache, make_positions
+from deepseek_lm.model.mla import MLA, LatentCache, token_positions
 from deepseek_lm.model.moe import MoE, route
 from deepseek_lm.model.transformer import DeepSeekLM
 
@@ -247,7 +247,7 @@ class Decoder:
 
     def __init__(self, model: DeepSeekLM, batch_size: int, compile: bool = False) -> None:
         cfg = model.config
-        self.model, self.compile = model, compile
+        self.compile = compile
         dense = 2 * batch_size * cfg.num_experts_per_tok >= cfg.n_routed_experts
         with torch.no_grad():
             self.weights = DecoderWeights(
@@ -267,13 +267,12 @@ class Decoder:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, cache: LatentCache, start_pos: int | torch.Tensor) -> torch.Tensor:
         B, T = ids.shape
-        pos = make_positions(self.model.rope, B, T, start_pos, True, cache.max_len)  # checks the positions
-        if pos.pos_BT is None:  # one start for all rows
-            pos_BT = torch.arange(pos.start, pos.kv_len, device=ids.device).expand(B, T)
-        else:
-            pos_BT = pos.pos_BT
+        n_rope = self.weights.rope.shape[1]
+        start, pos_BT, end = token_positions(start_pos, B, T, ids.device, n_rope, cache.max_len)
+        if start is not None:  # one start for all rows
+            pos_BT = torch.arange(start, end, device=ids.device).expand(B, T)
         if self.compile:  # static shapes and strides (a graph per layout): the whole cache, masked
             step = _compiled_step(ids.device.type)
             return step(self.weights, ids.contiguous(), pos_BT.contiguous(), cache.kv, True)
-        kvs = [kv[:, : pos.kv_len] for kv in cache.kv]
-        return decode_step(self.weights, ids, pos_BT, kvs, masked=T > 1 or pos.pos_BT is not None)
+        kvs = [kv[:, :end] for kv in cache.kv]
+        return decode_step(self.weights, ids, pos_BT, kvs, masked=T > 1 or start is None)

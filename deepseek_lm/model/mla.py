@@ -71,26 +71,35 @@ class Positions:
 def make_positions(rope: torch.Tensor, B: int, T: int, start_pos, cached: bool, max_len: int) -> Positions:
     """rope (2, S, dr) tables; start_pos int or (B,) long. Checks positions against the tables and cache."""
     dev = rope.device
-    if isinstance(start_pos, torch.Tensor) and start_pos.dim() == 0:
-        start_pos = int(start_pos)
-    if isinstance(start_pos, int):
-        end = start_pos + T
-        _check_end(end, rope.shape[1], max_len if cached else None)
-        cos, sin = rope[:, start_pos:end, None]  # (T, 1, dr)
-        pos = Positions(cos[None], sin[None], start=start_pos, kv_len=end)
+    start, pos_BT, end = token_positions(start_pos, B, T, dev, rope.shape[1], max_len if cached else None)
+    if start is not None:
+        cos, sin = rope[:, start:end, None]  # (T, 1, dr)
+        pos = Positions(cos[None], sin[None], start=start, kv_len=end)
         if cached and T > 1:
             j = torch.arange(end, device=dev)
-            pos.mask = (j <= torch.arange(start_pos, end, device=dev)[:, None])[None, None]  # (1, 1, T, L)
+            pos.mask = (j <= torch.arange(start, end, device=dev)[:, None])[None, None]  # (1, 1, T, L)
         return pos
-    pos_BT = start_pos.to(dev).view(B, 1) + torch.arange(T, device=dev)
-    first, last = torch.stack(torch.aminmax(pos_BT)).tolist()  # one host sync per forward
-    if first < 0:
-        raise ValueError(f"start_pos must be >= 0 (got {first})")
-    end = last + 1
-    _check_end(end, rope.shape[1], max_len if cached else None)
     cos, sin = rope[:, pos_BT, None]  # (B, T, 1, dr)
     mask = (torch.arange(end, device=dev) <= pos_BT[..., None])[:, None] if cached else None  # (B, 1, T, L)
     return Positions(cos, sin, pos_BT=pos_BT, kv_len=end, mask=mask)
+
+
+def token_positions(
+    start_pos: int | torch.Tensor, B: int, T: int, device, n_rope: int, cache_len: int | None
+) -> tuple[int | None, torch.Tensor | None, int]:
+    """-> (the start shared by all rows, else None; else the (B, T) absolute positions; max position + 1),
+    checked against the rope tables' n_rope positions and the cache's length (None: no cache)."""
+    if isinstance(start_pos, torch.Tensor) and start_pos.dim() == 0:
+        start_pos = int(start_pos)
+    if isinstance(start_pos, int):
+        _check_end(start_pos + T, n_rope, cache_len)
+        return start_pos, None, start_pos + T
+    pos_BT = start_pos.to(device).view(B, 1) + torch.arange(T, device=device)
+    first, last = torch.stack(torch.aminmax(pos_BT)).tolist()  # one host sync per forward
+    if first < 0:
+        raise ValueError(f"start_pos must be >= 0 (got {first})")
+    _check_end(last + 1, n_rope, cache_len)
+    return None, pos_BT, last + 1
 
 
 def _check_end(end: int, n_rope: int, cache_len: int | None) -> None:
