@@ -78,6 +78,10 @@ def test_dense_experts_only_where_tokens_pick_most_experts():
     many = _model(**VARIANTS["many experts (sparse at batch 1)"])  # 16 experts, 2 per token
     assert dense(Decoder(many, 1)) == [False, False]  # each token's experts gathered
     assert dense(Decoder(many, 4)) == [True, True]  # 4 rows · 2 ≥ 16 / 2
+    # compiled, the gather reads the chosen experts in place: it runs while they are fewer than all
+    assert dense(Decoder(few, 1, compile=True)) == [False, False]  # 1 · 2 < 4
+    assert dense(Decoder(few, 2, compile=True)) == [True, True]
+    assert dense(Decoder(many, 7, compile=True)) == [False, False]  # 7 · 2 < 16
 
 
 def test_several_tokens_per_row_equal_the_model():
@@ -115,14 +119,15 @@ def test_bf16_weights_decode_within_bf16_rounding():
 
 
 @pytest.mark.slow
-def test_compiled_steps_equal_the_model_and_are_shared_by_decoders():
+@pytest.mark.parametrize("variant", ["tiny", "many experts (sparse at batch 1)"])  # dense / gathered at 2
+def test_compiled_steps_equal_the_model_and_are_shared_by_decoders(variant):
     """One torch.compile per configuration, batch size and cache length (~20 s on a CPU): a second decoder,
     over other weights of the same shapes, reuses the graph."""
     from torch._dynamo.utils import counters
 
     graphs_before = counters["stats"]["unique_graphs"]
     for _ in range(2):  # two models: new weights, same shapes
-        model = _model()
+        model = _model(**VARIANTS[variant])
         ours, ref = model.new_cache(2, 256), model.new_cache(2, 256)  # the engine's length for tiny
         prompt = torch.randint(0, 512, (2, 6))
         decoder = Decoder(model, 2, compile=True)
