@@ -139,7 +139,7 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, pos.cos, pos.sin)  # (B, T, H, dr)
         k_pe = apply_rope(k_pe[:, :, None], pos.cos, pos.sin)  # (B, T, 1, dr)
         if cache is not None and pos.start == 0 and T > 1:  # a prefill from position 0: nothing to read back
-            write_latent(cache, torch.cat((c_kv, k_pe[:, :, 0]), dim=-1), pos)
+            _write_latent(cache, torch.cat((c_kv, k_pe[:, :, 0]), dim=-1), pos)
             cache = None  # and the naive path is cheaper: heads of dn + dr, not r + dr (2k tokens: -17 %)
         if cache is None:
             o = self._naive(q_nope, q_pe, c_kv, k_pe)
@@ -159,12 +159,12 @@ class MLA(nn.Module):
         w_ukv = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
         # W_uk folded into the query: q_nope·(W_uk c_kv) = (W_uk^T q_nope)·c_kv
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_ukv[:, : self.dn])  # (B, T, H, r)
-        write_latent(cache, torch.cat((c_kv, k_pe), dim=-1), pos)
-        o_lat = latent_attention(torch.cat((q_lat, q_pe), dim=-1), cache, pos, self.scale, self.kv_lora_rank)
+        _write_latent(cache, torch.cat((c_kv, k_pe), dim=-1), pos)
+        o_lat = _latent_attention(torch.cat((q_lat, q_pe), dim=-1), cache, pos, self.scale, self.kv_lora_rank)
         return torch.einsum("bthr,hdr->bthd", o_lat, w_ukv[:, self.dn :])  # W_uv folded into the output
 
 
-def latent_attention(
+def _latent_attention(
     q: torch.Tensor, cache: torch.Tensor, pos: Positions, scale: float, r: int
 ) -> torch.Tensor:
     """Absorbed queries q (B, T, H, r + dr) over the cache's [c_kv | k_pe] (B, S, r + dr) -> o_lat (B, T, H, r).
@@ -187,7 +187,7 @@ def latent_attention(
     return o.transpose(1, 2)[..., :r]
 
 
-def write_latent(cache: torch.Tensor, new_BTC: torch.Tensor, pos: Positions) -> None:
+def _write_latent(cache: torch.Tensor, new_BTC: torch.Tensor, pos: Positions) -> None:
     """Store the new tokens' [c_kv | k_pe] at their absolute positions."""
     if pos.start is not None:
         cache[:, pos.start : pos.start + new_BTC.shape[1]] = new_BTC
