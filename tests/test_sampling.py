@@ -7,6 +7,7 @@ from deepseek_lm.errors import UserError
 from deepseek_lm.generate.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
+    argmax,
     make_generator,
     sample,
     top_k_filter,
@@ -18,6 +19,17 @@ def test_temperature_zero_is_argmax():
     logits = torch.randn(3, 50)
     got = sample(logits, SamplingConfig(temperature=0.0), make_generator(0))
     assert torch.equal(got, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [49152, 320, 64, 50])  # blocks of 1024, of 64, one block, none
+def test_blocked_argmax_is_torchs_argmax(vocab):
+    logits = torch.randn(5, vocab)
+    logits[1] = 0.0  # all tied: the first index
+    logits[2, [3, vocab - 1]] = 100.0  # tied maxima in different blocks: the first one
+    logits[3, vocab // 2] = math.nan  # NaN is argmax's maximum
+    logits[4, [vocab // 3, vocab - 2]] = math.nan  # the first NaN
+    assert torch.equal(argmax(logits), logits.argmax(-1))
+    assert torch.equal(argmax(logits[:1]), logits[:1].argmax(-1))
 
 
 @pytest.mark.parametrize(
