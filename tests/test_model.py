@@ -172,9 +172,10 @@ def test_tied_head_shares_the_embedding(tiny_config):
 # initialisation, counts ---------------------------------------------------------------------------------------
 
 
-def test_init_weights_table():
+@pytest.mark.parametrize("build", ["get_model", "constructor"])
+def test_init_weights_table(build):
     config = DeepSeekConfig.from_preset("tiny", hidden_size=256, moe_intermediate_size=256)
-    model = get_model(config)
+    model = get_model(config) if build == "get_model" else DeepSeekLM(config)
     sigma, out_sigma = config.initializer_range, config.initializer_range / math.sqrt(2 * 2)
     p = dict(model.named_parameters())
     assert p["embed_tokens.weight"].std().item() == pytest.approx(sigma, rel=0.05)

@@ -64,6 +64,9 @@ class DeepSeekLM(nn.Module):
         # (2, S, dr) cos/sin; derived from the config, so not saved (recomputed by init_weights)
         self.register_buffer("rope", rope_tables(config), persistent=False)
         self.gradient_checkpointing = False  # recompute each block in the backward (training memory)
+        # built directly (not on `get_model`'s meta device, where this costs nothing), the model is still
+        # initialised by the table below: the experts' 3-D weights have no default init (torch.empty)
+        self.init_weights()
 
     # weights ----------------------------------------------------------------------------------------------
 
