@@ -183,11 +183,6 @@ def _eval_parser() -> ArgumentParser:
     p.add_argument("--max-batches", type=int | None, default=None, help="default: the whole split")
     p.add_argument("--json", type=str | None, default=None, help="also write the results to this JSON file")
     p.add_argument("--device", type=str, default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the decode step: ~20 s once per batch size, then faster tokens (long outputs)",
-    )
     return p
 
 
