@@ -69,16 +69,15 @@ def decode_parts(engine, prompt, sampling, steps) -> str:
     spent: dict[str, float] = {}
 
     def timed(owner, attr: str, label: str):
-        original = owner.__dict__[attr]  # the descriptor itself (a staticmethod stays one)
-        inner = getattr(owner, attr)
+        original = getattr(owner, attr)  # module functions and a plain method: no descriptors to keep
 
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
-            out = inner(*args, **kwargs)
+            out = original(*args, **kwargs)
             spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
             return out
 
-        setattr(owner, attr, staticmethod(wrapper) if isinstance(original, staticmethod) else wrapper)
+        setattr(owner, attr, wrapper)
         return original
 
     parts = [
