@@ -7,7 +7,7 @@ import torch
 
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.model import get_model
-from deepseek_lm.model.decode import Decoder
+from deepseek_lm.model.decode import Decoder, _rms_norm
 
 ATOL = 1e-5
 
@@ -116,6 +116,16 @@ def test_bf16_weights_decode_within_bf16_rounding():
     worst, ours, _ = _decode_both(model, [[1, 2, 3, 4, 5], [7, 8]], steps=4)
     assert ours.kv[0].dtype == torch.bfloat16
     assert worst < 2e-2  # the absorbed products are rounded to bf16 once, the model's per step
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e3])  # eps dominates the smallest
+def test_light_rms_norm_is_torchs(scale):
+    x, w = torch.randn(3, 5, 64) * scale, torch.randn(64)
+    for weight in (None, w):
+        expected = torch.nn.functional.rms_norm(x, (64,), weight, 1e-6)
+        torch.testing.assert_close(_rms_norm(x, weight, 1e-6), expected, atol=1e-6, rtol=1e-5)
+    half, w = x.bfloat16(), w.bfloat16()  # half types are F.rms_norm's own result
+    assert torch.equal(_rms_norm(half, w, 1e-6), torch.nn.functional.rms_norm(half, (64,), w, 1e-6))
 
 
 @pytest.mark.slow
