@@ -127,12 +127,9 @@ def build_parser():
 
 
 def parse(argv: list[str]) -> BenchConfig:
-    import argparse
+    from deepseek_lm.cli import parse_args
 
-    try:
-        ns = build_parser().parse_args(argv)
-    except argparse.ArgumentError as e:
-        raise UserError(f"{str(e).splitlines()[0]}; see `deepseek-lm bench --help`") from None
+    ns = parse_args(build_parser(), argv)
     cfg = BenchConfig(**{k: ns[k] for k in asdict(BenchConfig())})
     for name in [
         "batch_size",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
+from typing import Any
 
 from deepseek_lm.errors import UserError
 
@@ -68,7 +70,9 @@ def _run(name: str, rest: list[str], debug: bool) -> int:
     module_name, func_name = COMMANDS[name][0].split(":")
     try:
         func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(rest) or 0)
+        code = int(func(rest) or 0)
+        sys.stdout.flush()  # here, not at exit, a reader that left early (`| head`) is met by the handler
+        return code
     except UserError as e:
         if debug:
             raise
@@ -77,6 +81,9 @@ def _run(name: str, rest: list[str], debug: bool) -> int:
     except KeyboardInterrupt:
         print(f"deepseek-lm {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`... | head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe stopped
     except OSError as e:  # a full disk, a permission problem: name the file, no traceback
         if debug:
             raise
@@ -90,3 +97,38 @@ def _run(name: str, rest: list[str], debug: bool) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def parse_args(parser: Any, argv: list[str]) -> Any:
+    """A subcommand's `parser.parse_args(argv)` (a jsonargparse parser made with exit_on_error=False): a bad,
+    missing or unknown option is one `UserError` line naming the option, what it takes and the value given."""
+    import argparse
+
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise UserError(f"{_argument_error(parser, str(e))}; see `{parser.prog} --help`") from None
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}
+
+
+def _argument_error(parser: Any, text: str) -> str:
+    """jsonargparse's several-line message, e.g. 'Parser key "top_k":\n Does not validate against any of the
+    Union subtypes ... Given value: big', as '--top-k: expected an integer, got 'big''."""
+    key = re.match(r'Parser key "([^"]+)"', text)
+    given = re.findall(r"(?:Got|Given) value: (.*)", text)
+    if key is None or not given:  # "unrecognized arguments: ...", "the following arguments are required: ..."
+        flag_of = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+        text = re.sub(
+            r"(?<=required: ).*", lambda m: re.sub(r"[\w.]+", lambda d: flag_of.get(d[0], d[0]), m[0]), text
+        )
+        return " ".join(text.split())
+    flags = [a.option_strings[0] for a in parser._actions if a.dest == key[1] and a.option_strings]
+    expected = []
+    for literal, name in re.findall(r"Expected a (typing\.Literal\[.*?\])?(?:<class '(\w+)'>)?", text):
+        word = f"one of {literal[len('typing.Literal[') : -1]}" if literal else _TYPE_WORDS.get(name)
+        if word and word not in expected:  # NoneType, the default of an optional value, is not typed
+            expected.append(word)
+    what = f"expected {' or '.join(expected)}" if expected else "invalid value"
+    return f"{flags[0] if flags else key[1]}: {what}, got {given[-1].strip()!r}"

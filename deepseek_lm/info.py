@@ -11,6 +11,7 @@ import json
 import torch
 from jsonargparse import ArgumentParser
 
+from deepseek_lm.cli import parse_args
 from deepseek_lm.config import PRESETS, DeepSeekConfig
 from deepseek_lm.errors import UserError
 
@@ -18,6 +19,7 @@ from deepseek_lm.errors import UserError
 def _parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="deepseek-lm info",
+        exit_on_error=False,
         description="Parameter counts (total, activated per token, embedding) and training FLOPs per token "
         "of a model preset (default: seed) or of a checkpoint.",
     )
@@ -78,7 +80,7 @@ def _load(preset: str | None, checkpoint: str | None) -> tuple[str, DeepSeekConf
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
     if args.seq_len is not None and args.seq_len <= 0:
         raise UserError(f"--seq-len must be > 0, got {args.seq_len}")
     title, config = _load(args.preset, args.checkpoint)

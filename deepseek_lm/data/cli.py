@@ -14,12 +14,14 @@ import typing
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
+from deepseek_lm.cli import parse_args
 from deepseek_lm.data.preparation import PrepareConfig, PreparedData, prepare
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="deepseek-lm prepare",
+        exit_on_error=False,
         description="Tokenise a corpus into memory-mapped token files with a manifest. "
         "With no --data or --dataset: the built-in corpus (Python standard-library docstrings).",
     )
@@ -45,7 +47,7 @@ def _attribute_docs(cls: type) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     fields = {f.name for f in dataclasses.fields(PrepareConfig)}
     cfg = PrepareConfig(**{k: v for k, v in vars(args).items() if k in fields})
     _log_to_stderr()

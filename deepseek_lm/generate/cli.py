@@ -20,6 +20,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
+from deepseek_lm.cli import parse_args
 from deepseek_lm.errors import UserError
 from deepseek_lm.generate.sampling import SamplingConfig
 
@@ -29,11 +30,14 @@ _ESCAPES = {"\\n": "\n", "\\t": "\t"}
 def _generate_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="deepseek-lm generate",
+        exit_on_error=False,
         description="Sample text from a checkpoint. One prompt is streamed to the terminal as it is "
         "generated; several prompts (--prompt repeated, or --prompt-file) are decoded together as one batch.",
     )
     p.add_argument(
-        "--checkpoint", required=True, help="a checkpoint directory, or a run directory (its best)"
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory, or a run directory (its best checkpoint, else the latest)",
     )
     p.add_argument("--prompt", action="append", type=str, help="prompt text ('-': read stdin); repeatable")
     p.add_argument("--prompt-file", type=str, help="a text file with one prompt per line")
@@ -58,7 +62,7 @@ def _generate_parser() -> ArgumentParser:
 
 
 def main_generate(argv: list[str]) -> int:
-    args = _generate_parser().parse_args(argv)
+    args = parse_args(_generate_parser(), argv)
     prompts = _read_prompts(args.prompt, args.prompt_file)
     if not prompts and not args.interactive:
         raise UserError(
@@ -73,6 +77,11 @@ def main_generate(argv: list[str]) -> int:
     from deepseek_lm.generate.engine import Engine
 
     engine = Engine.from_checkpoint(args.checkpoint, device=args.device, compile=args.compile)
+    if engine.tokenizer is None:  # the library takes token ids; the command line has only text
+        raise UserError(
+            f"{args.checkpoint} has no tokenizer.json to read and write text with: copy its training data's "
+            "tokenizer.json (DATA_DIR/tokenizer.json) into the checkpoint directory"
+        )
     settings = dict(
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
@@ -170,11 +179,14 @@ def _show_warning(
 def _eval_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="deepseek-lm eval",
+        exit_on_error=False,
         description="Loss, perplexity and bits per byte of a checkpoint, with the xz baseline beside them. "
         "Without --data: the validation split of the data the checkpoint was trained on.",
     )
     p.add_argument(
-        "--checkpoint", required=True, help="a checkpoint directory, or a run directory (its best)"
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory, or a run directory (its best checkpoint, else the latest)",
     )
     p.add_argument("--data", nargs="+", type=str, help="text files (.txt, .md, ..., directories, globs)")
     p.add_argument("--data-dir", type=str, help="a directory written by `prepare`: its validation split")
@@ -187,7 +199,7 @@ def _eval_parser() -> ArgumentParser:
 
 
 def main_eval(argv: list[str]) -> int:
-    args = _eval_parser().parse_args(argv)
+    args = parse_args(_eval_parser(), argv)
     if args.data and args.data_dir:
         raise UserError("give either --data (text files) or --data-dir (a prepared split), not both")
     from deepseek_lm.checkpoint import load_checkpoint

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Literal
 
 from jsonargparse import ArgumentParser
 
-from deepseek_lm.interop.hf_config import InteropError
+from deepseek_lm.cli import parse_args
 
 
 @dataclass
@@ -35,7 +34,7 @@ class ImportArgs:
     `save_pretrained` writes) as a deepseek-lm checkpoint.
 
     Args:
-        hf: The Hugging Face model directory (config.json + model.safetensors).
+        hf: The Hugging Face model directory: config.json and model.safetensors, or its shards and their index.
         out: The checkpoint directory to write.
     """
 
@@ -48,10 +47,7 @@ def _parse(prog: str, cls: type, argv: list[str]) -> dict:
         prog=f"deepseek-lm {prog}", description=cls.__doc__.split("\n\n")[0], exit_on_error=False
     )
     parser.add_class_arguments(cls, as_group=False)
-    try:
-        return parser.parse_args(argv).as_dict()
-    except argparse.ArgumentError as e:
-        raise InteropError(" ".join(str(e).split())) from None
+    return parse_args(parser, argv).as_dict()
 
 
 def main_export(argv: list[str]) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deepseek_lm import checkpoint as ckpt
+from deepseek_lm.cli import parse_args
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.errors import UserError
 from deepseek_lm.train.config import TRAIN_PRESETS, TrainConfig, preset_defaults
@@ -68,20 +69,9 @@ def build_parser(model_defaults: dict[str, Any], train_defaults: dict[str, Any])
     return parser
 
 
-def _parse(parser, argv: list[str]):
-    import argparse
-
-    try:
-        return parser.parse_args(argv)
-    except argparse.ArgumentError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = f"{lines[0]} ({lines[-1]})" if len(lines) > 1 else lines[0] if lines else "invalid arguments"
-        raise UserError(f"{detail}; see `deepseek-lm train --help`") from None
-
-
 def resolve(argv: list[str]) -> tuple[DeepSeekConfig, TrainConfig, Path, bool, str, int | None]:
     """Two passes: the first finds the preset / run to take defaults from, the second applies the flags."""
-    first = _parse(build_parser(*preset_defaults("seed")), argv)
+    first = parse_args(build_parser(*preset_defaults("seed")), argv)
     preset = first.preset or ("demo" if not argv else "seed")
     out = Path(first.out or f"runs/{preset}")
     latest = ckpt.latest_checkpoint(out, training=True) if first.resume else None
@@ -89,7 +79,7 @@ def resolve(argv: list[str]) -> tuple[DeepSeekConfig, TrainConfig, Path, bool, s
         model_defaults, train_defaults = _saved_config(latest)
     else:
         model_defaults, train_defaults = preset_defaults(preset)
-    ns = _parse(build_parser(model_defaults, train_defaults), argv)
+    ns = parse_args(build_parser(model_defaults, train_defaults), argv)
     train_dict = ns.train.as_dict()
     for key in SHORTCUTS:
         if ns[key] is not None:
