@@ -65,8 +65,10 @@ def test_resume_takes_the_runs_saved_config(tmp_path):
     config = DeepSeekConfig.from_preset("tiny", hidden_size=48)
     saved = TrainConfig(lr=0.07, max_steps=9).to_dict()
     ckpt.save_training_checkpoint(tmp_path, 9, {"w": torch.zeros(1)}, config, {"s": 1}, train_config=saved)
-    model, train, *_ = resolve(["--out", str(tmp_path), "--resume", "--max-steps", "20"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"preset": "tiny", "model": config.to_dict()}))
+    model, train, _, _, preset, _ = resolve(["--out", str(tmp_path), "--resume", "--max-steps", "20"])
     assert model == config and train.lr == 0.07 and train.max_steps == 20
+    assert preset == "tiny"  # the run's, not the default seed's: config.yaml is rewritten with it
 
 
 @pytest.mark.parametrize(

@@ -75,8 +75,9 @@ def resolve(argv: list[str]) -> tuple[DeepSeekConfig, TrainConfig, Path, bool, s
     preset = first.preset or ("demo" if not argv else "seed")
     out = Path(first.out or f"runs/{preset}")
     latest = ckpt.latest_checkpoint(out, training=True) if first.resume else None
-    if latest is not None:
+    if latest is not None:  # the run's own settings, and the preset its config.yaml names (defaults aside)
         model_defaults, train_defaults = _saved_config(latest)
+        preset = _saved_preset(out) or preset
     else:
         model_defaults, train_defaults = preset_defaults(preset)
     ns = parse_args(build_parser(model_defaults, train_defaults), argv)
@@ -93,6 +94,15 @@ def _saved_config(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if train is None:
         raise UserError(f"{ckpt_dir / ckpt.CONFIG_FILE} has no training config: it cannot be resumed")
     return model.to_dict(), {**TrainConfig().to_dict(), **train}
+
+
+def _saved_preset(out: Path) -> str | None:
+    import yaml
+
+    try:
+        return yaml.safe_load((out / "config.yaml").read_text()).get("preset")
+    except (OSError, yaml.YAMLError, AttributeError):  # missing or hand-edited: the label falls back
+        return None
 
 
 def make_room_for_demo(out: Path) -> None:
