@@ -190,8 +190,11 @@ def test_prepared_data_open_errors(tmp_path, builtin):
     shutil.copytree(builtin.path, tmp_path / "copy")
     with open(tmp_path / "copy" / "val.bin", "r+b") as f:
         f.truncate(10)
-    with pytest.raises(DataError, match=r"val.bin: missing or truncated"):
+    with pytest.raises(DataError, match=r"val.bin: missing or truncated") as e:
         PreparedData.open(tmp_path / "copy")
+    # the fix names where the data came from, and the whole command's flags inside the backticks
+    assert "`deepseek-lm prepare` with its inputs (builtin: Python" in str(e.value)
+    assert str(e.value).endswith(f"`--out {tmp_path / 'copy'} --force`")
 
 
 def test_bits_per_byte():

@@ -108,30 +108,44 @@ class PreparedData:
     @classmethod
     def open(cls, path: str | Path) -> PreparedData:
         path = Path(path)
-        hint = f"run `deepseek-lm prepare --out {path}`"
+        manifest = None
+
+        def damaged(problem: str) -> DataError:
+            inputs = (
+                f"its inputs ({manifest['source']})"
+                if isinstance(manifest, dict) and "source" in manifest
+                else "its inputs"
+            )
+            return DataError(
+                f"{problem}; rebuild it: `deepseek-lm prepare` with {inputs} and `--out {path} --force`"
+            )
+
         try:
             manifest = json.loads((path / "manifest.json").read_text())
         except FileNotFoundError:
-            raise DataError(f"{path}: not a prepared data directory (no manifest.json); {hint}") from None
+            raise DataError(
+                f"{path}: not a prepared data directory (no manifest.json); make one with "
+                f"`deepseek-lm prepare [--data FILES] --out {path}`"
+            ) from None
         except (ValueError, OSError) as e:
-            raise DataError(f"{path / 'manifest.json'}: unreadable ({e}); {hint} --force") from None
+            raise damaged(f"{path / 'manifest.json'}: unreadable ({e})") from None
         if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (
             FORMAT,
             FORMAT_VERSION,
         ):
-            raise DataError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} directory; {hint} --force")
+            raise damaged(f"{path}: not a {FORMAT} v{FORMAT_VERSION} directory")
         try:
             sizes = {
                 s: manifest["splits"][s]["tokens"] * np.dtype(manifest["dtype"]).itemsize for s in SPLITS
             }
         except (KeyError, TypeError) as e:
-            raise DataError(f"{path / 'manifest.json'}: incomplete (no {e}); {hint} --force") from None
+            raise damaged(f"{path / 'manifest.json'}: incomplete (no {e})") from None
         for split, size in sizes.items():
             file = path / f"{split}.bin"
             if not file.is_file() or file.stat().st_size != size:
-                raise DataError(f"{file}: missing or truncated; {hint} --force")
+                raise damaged(f"{file}: missing or truncated")
         if not (path / "tokenizer.json").is_file():
-            raise DataError(f"{path / 'tokenizer.json'}: missing; {hint} --force")
+            raise damaged(f"{path / 'tokenizer.json'}: missing")
         return cls(path, manifest)
 
     def tokens(self, split: str) -> np.memmap:
