@@ -193,14 +193,12 @@ def write_checkpoint(
     replaced only once the new one is complete. Failures (a full disk, ...) raise `CheckpointError` naming
     the directory and leave any previous checkpoint as it was.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
-        save_file(_tensors_to_save(state_dict, config), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        write_safetensors(_tensors_to_save(state_dict, config), tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(_config_json(config, train_config))
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
@@ -274,16 +272,34 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 # reading
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file readable as the other files are: safetensors creates it owner-only (0600)."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path), metadata={"format": "pt"})  # transformers reads "pt" as PyTorch
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+# what to do about a damaged file of a checkpoint
+_DAMAGED = (
+    "load another checkpoint (a run directory keeps its latest few and its best) or save this one again"
+)
 
 
 def read_config_json(ckpt_dir: str | Path) -> tuple[DeepSeekConfig, dict[str, Any] | None]:
     path = Path(ckpt_dir) / CONFIG_FILE
     try:
         doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise CheckpointError(f"cannot read {path}: {_one_line(e)}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt ({_one_line(e)}): {_DAMAGED}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         hint = "; for a Hugging Face model use `deepseek-lm import`" if "model_type" in doc else ""
         raise CheckpointError(
@@ -307,7 +323,7 @@ def read_model_state(ckpt_dir: str | Path, device: str | torch.device = "cpu") -
     try:
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-        raise CheckpointError(f"{path} is corrupt or unreadable: {_one_line(e)}") from e
+        raise CheckpointError(f"{path} is corrupt or unreadable ({_one_line(e)}): {_DAMAGED}") from e
 
 
 def read_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -319,7 +335,7 @@ def read_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors, truncated zip archives, disallowed globals
-        raise CheckpointError(f"{path} is corrupt or unreadable: {_one_line(e)}") from e
+        raise CheckpointError(f"{path} is corrupt or unreadable ({_one_line(e)}): {_DAMAGED}") from e
 
 
 def check_state_matches(
@@ -361,7 +377,7 @@ def load_tokenizer_file(ckpt_dir: str | Path) -> Any:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:
-        raise CheckpointError(f"{path} is corrupt or unreadable: {_one_line(e)}") from e
+        raise CheckpointError(f"{path} is corrupt or unreadable ({_one_line(e)}): {_DAMAGED}") from e
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:

@@ -110,15 +110,25 @@ def test_overwriting_a_checkpoint_dir_is_atomic(tmp_path, model, tiny_config):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "trainer_state.pt"])
-def test_corrupt_file_is_one_line_naming_it(tmp_path, model, tiny_config, name):
+READERS = {
+    "model.safetensors": ckpt.read_model_state,
+    "trainer_state.pt": ckpt.read_trainer_state,
+    "config.json": ckpt.read_config_json,
+}
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_corrupt_file_is_one_line_naming_it_and_the_way_out(tmp_path, model, tiny_config, name):
     path = ckpt.save_training_checkpoint(tmp_path, 1, model.state_dict(), tiny_config, _state(1))
     data = (path / name).read_bytes()
     (path / name).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as info:
-        ckpt.read_model_state(path) if name == "model.safetensors" else ckpt.read_trainer_state(path)
+        READERS[name](path)
     message = str(info.value)
     assert name in message and "\n" not in message
+    assert message.endswith(
+        "load another checkpoint (a run directory keeps its latest few and its best) or save this one again"
+    )
 
 
 def test_mismatched_shapes_name_the_tensor(tmp_path, model):
@@ -141,3 +151,10 @@ def test_foreign_config_json_is_refused(tmp_path, model):
     (out / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
     with pytest.raises(CheckpointError, match="deepseek-lm import"):
         ckpt.read_config_json(out)
+
+
+def test_weights_are_readable_as_the_other_files(tmp_path, model):
+    """safetensors creates its files owner-only; a shared run or export directory needs them as the rest."""
+    out = ckpt.save_model_dir(tmp_path / "m", model)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes

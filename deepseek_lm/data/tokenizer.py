@@ -76,7 +76,8 @@ def _hub_file(repo_id: str) -> str:
     except Exception as e:  # not cached, no such repository, no tokenizer.json, a dropped connection
         why = reason or f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         raise DataError(
-            f"--tokenizer {repo_id}: cannot get tokenizer.json from the Hugging Face Hub ({why})"
+            f"--tokenizer {repo_id}: cannot get tokenizer.json from the Hugging Face Hub ({why}); connect to "
+            "the network, or give a local tokenizer.json (or a directory holding one)"
         ) from None
 
 

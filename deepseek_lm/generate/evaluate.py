@@ -169,7 +169,10 @@ def _evaluate_files(
     from deepseek_lm.data.sources import resolve_paths
 
     if ckpt.tokenizer is None:
-        raise UserError(f"{ckpt.path} has no tokenizer.json: cannot tokenise --data files")
+        raise UserError(
+            f"{ckpt.path} has no tokenizer.json to tokenise --data files with: copy its training data's "
+            "tokenizer.json (DATA_DIR/tokenizer.json) into it, or evaluate a prepared split with --data-dir"
+        )
     paths = resolve_paths(specs)
     docs = [d for d in read_documents(paths) if d]
     if not docs:

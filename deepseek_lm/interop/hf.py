@@ -27,6 +27,7 @@ from deepseek_lm.checkpoint import (
     load_checkpoint,
     load_model_weights,
     save_model_dir,
+    write_safetensors,
 )
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.interop.hf_config import HF_MODEL_TYPES, InteropError, from_hf_config, to_hf_config
@@ -70,7 +71,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32"
     out = Path(out)
     _refuse_overwrite(out, ckpt.path, looks_ours=_is_hf_export)
     with _atomic_dir(out) as tmp:
-        _write_safetensors(tensors, tmp / WEIGHTS_FILE)
+        write_safetensors(tensors, tmp / WEIGHTS_FILE)
         _write_json(tmp / CONFIG_FILE, hf_config)
         _write_json(tmp / "generation_config.json", _generation_config(config))
         if ckpt.tokenizer is not None:
@@ -259,12 +260,6 @@ def _atomic_dir(out: Path) -> Iterator[Path]:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata={"format": "pt"})  # transformers reads format=pt as PyTorch
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
