@@ -30,12 +30,12 @@ bench: setup
 	$(PY) -m deepseek_lm bench --compare-hf
 
 lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 format: setup
-	$(VENV)/bin/ruff format .
-	$(VENV)/bin/ruff check --fix .
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
