@@ -116,19 +116,20 @@ _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"
 def _argument_error(parser: Any, text: str) -> str:
     """jsonargparse's several-line message, e.g. 'Parser key "top_k":\n Does not validate against any of the
     Union subtypes ... Given value: big', as '--top-k: expected an integer, got 'big''."""
-    key = re.match(r'Parser key "([^"]+)"', text)
-    given = re.findall(r"(?:Got|Given) value: (.*)", text)
-    if key is None or not given:  # "unrecognized arguments: ...", "the following arguments are required: ..."
-        flag_of = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    flag_of = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    key = re.match(r'Parser key "([^"]+)":', text)
+    if key is None:  # "unrecognized arguments: ...", "the following arguments are required: ..."
         text = re.sub(
             r"(?<=required: ).*", lambda m: re.sub(r"[\w.]+", lambda d: flag_of.get(d[0], d[0]), m[0]), text
         )
         return " ".join(text.split())
-    flags = [a.option_strings[0] for a in parser._actions if a.dest == key[1] and a.option_strings]
+    flag, detail = flag_of.get(key[1], key[1]), " ".join(text[key.end() :].split())
+    given = re.findall(r"(?:Got|Given) value: (.*)", text)
     expected = []
     for literal, name in re.findall(r"Expected a (typing\.Literal\[.*?\])?(?:<class '(\w+)'>)?", text):
         word = f"one of {literal[len('typing.Literal[') : -1]}" if literal else _TYPE_WORDS.get(name)
         if word and word not in expected:  # NoneType, the default of an optional value, is not typed
             expected.append(word)
-    what = f"expected {' or '.join(expected)}" if expected else "invalid value"
-    return f"{flags[0] if flags else key[1]}: {what}, got {given[-1].strip()!r}"
+    if not (given and expected):  # e.g. a --config file that does not exist
+        return f"{flag}: {detail}"
+    return f"{flag}: expected {' or '.join(expected)}, got {given[-1].strip()!r}"

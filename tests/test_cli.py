@@ -39,6 +39,7 @@ def test_python_dash_m_entry_point():
         (["export", "--checkpoint", "x", "--out", "y", "--dtype", "int8"], "--dtype: expected one of"),
         (["bench", "--seq-len", "long"], "--seq-len: expected an integer, got 'long'"),
         (["info", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+        (["prepare", "--config", "/no/such.yaml"], "--config: File does not exist: '/no/such.yaml'"),
     ],
 )  # fmt: skip
 def test_bad_options_are_one_line_naming_the_option(capsys, argv, expected):
