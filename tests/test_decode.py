@@ -84,6 +84,15 @@ def test_dense_experts_only_where_tokens_pick_most_experts():
     assert dense(Decoder(many, 7, compile=True)) == [False, False]  # 7 · 2 < 16
 
 
+def test_packed_head_only_for_eager_cpu_batches_of_three_or_more():
+    """So that test_decode_steps_equal_the_model at batch 3 holds the oneDNN head to the model's."""
+    model = _model()
+    if torch.backends.mkldnn.is_available():
+        assert Decoder(model, 3).weights.head_packed is not None
+    for decoder in (Decoder(model, 2), Decoder(model, 3, compile=True)):
+        assert decoder.weights.head_packed is None and decoder.weights.head_DV is not None
+
+
 def test_several_tokens_per_row_equal_the_model():
     model = _model()
     prompt, more = torch.randint(0, 512, (2, 7)), torch.randint(0, 512, (2, 4))
