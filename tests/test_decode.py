@@ -84,12 +84,12 @@ def test_dense_experts_only_where_tokens_pick_most_experts():
     assert dense(Decoder(many, 7, compile=True)) == [False, False]  # 7 · 2 < 16
 
 
-def test_packed_head_only_for_eager_cpu_batches_of_three_or_more():
+def test_packed_head_only_for_cpu_batches_of_three_or_more():
     """So that test_decode_steps_equal_the_model at batch 3 holds the oneDNN head to the model's."""
     model = _model()
     if torch.backends.mkldnn.is_available():
         assert Decoder(model, 3).weights.head_packed is not None
-    for decoder in (Decoder(model, 2), Decoder(model, 3, compile=True)):
+    for decoder in (Decoder(model, 2), Decoder(_model().to(torch.bfloat16), 3)):
         assert decoder.weights.head_packed is None and decoder.weights.head_DV is not None
 
 
@@ -138,8 +138,10 @@ def test_light_rms_norm_is_torchs(scale):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["tiny", "many experts (sparse at batch 1)"])  # dense / gathered at 2
-def test_compiled_steps_equal_the_model_and_are_shared_by_decoders(variant):
+@pytest.mark.parametrize(
+    "variant, batch", [("tiny", 2), ("many experts (sparse at batch 1)", 2), ("tiny", 3)]
+)  # dense experts / gathered experts / the head through oneDNN (`_packed_head`)
+def test_compiled_steps_equal_the_model_and_are_shared_by_decoders(variant, batch):
     """One torch.compile per configuration, batch size and cache length (~20 s on a CPU): a second decoder,
     over other weights of the same shapes, reuses the graph."""
     from torch._dynamo.utils import counters
@@ -147,10 +149,10 @@ def test_compiled_steps_equal_the_model_and_are_shared_by_decoders(variant):
     graphs_before = counters["stats"]["unique_graphs"]
     for _ in range(2):  # two models: new weights, same shapes
         model = _model(**VARIANTS[variant])
-        ours, ref = model.new_cache(2, 256), model.new_cache(2, 256)  # the engine's length for tiny
-        prompt = torch.randint(0, 512, (2, 6))
-        decoder = Decoder(model, 2, compile=True)
-        pos = torch.tensor([6, 4])  # ragged rows: per-row positions, as the engine passes them
+        ours, ref = model.new_cache(batch, 256), model.new_cache(batch, 256)  # the engine's length for tiny
+        prompt = torch.randint(0, 512, (batch, 6))
+        decoder = Decoder(model, batch, compile=True)
+        pos = torch.tensor([6, 4, 5][:batch])  # ragged rows: per-row positions, as the engine passes them
         with torch.no_grad():
             for cache in (ours, ref):
                 model(prompt, cache=cache, start_pos=0)

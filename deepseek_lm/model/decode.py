@@ -19,13 +19,14 @@ call, layouts that do the same math in fewer and larger products:
   host synchronisation (the model's sparse dispatch sorts and counts). Routing is the model's own `route`,
   so the same experts win; the outputs equal the model's up to the order of fp32 additions.
 - The LM head as a (D, V) copy: a (B, D) @ (D, V) product streams the weight row by row, ~3× faster on a
-  CPU at batch 1 than F.linear's (V, D) layout. Eager on a CPU from 3 rows up, oneDNN's product over the
-  weight in its own blocked layout instead (`_packed_head`): MKL is slow for a few rows times a wide matrix.
+  CPU at batch 1 than F.linear's (V, D) layout. From 3 rows up on a CPU, oneDNN's product over the weight
+  in its own blocked layout instead (`_packed_head`): MKL is slow for a few rows times a wide matrix.
 
 The step itself, `decode_step`, is a function of tensors and the config with static shapes, so
-`Decoder(..., compile=True)` runs it through `torch.compile` (one graph per batch size and cache length,
-shared by every decoder; on a CPU with inductor's C++ wrapper, which calls the kernels without Python in
-between). Eager, it attends to the cache positions in use; compiled, to the whole cache under a mask.
+`Decoder(..., compile=True)` runs it through `torch.compile` up to the head (`decode_hidden`; one graph per
+batch size and cache length, shared by every decoder; on a CPU with inductor's C++ wrapper, which calls the
+kernels without Python in between). Eager, it attends to the cache positions in use; compiled, to the whole
+cache under a mask.
 
 The decoder holds rearranged copies of the model's weights, made when it is built (gathered experts read
 the model's own tensors): build a new one after the weights change (the engine builds one per `generate`
@@ -86,7 +87,7 @@ class DecoderWeights:
     ffn: list[_FFN]
     norm: torch.Tensor  # (D,) final norm weight
     head_DV: torch.Tensor | None  # (D, V); None when head_packed stands in for it
-    head_packed: torch.Tensor | None  # (V, D) in oneDNN's blocked layout for B rows (eager, CPU, B ≥ 3)
+    head_packed: torch.Tensor | None  # (V, D) in oneDNN's blocked layout for B rows (CPU, B ≥ 3)
 
 
 def _pair_swap(n: int) -> torch.Tensor:
@@ -156,7 +157,14 @@ def _ffn_weights(mlp: torch.nn.Module, norm_w: torch.Tensor, dense: bool) -> _FF
 def decode_step(
     w: DecoderWeights, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor], masked: bool
 ) -> torch.Tensor:
-    """ids (B, T) at absolute positions pos_BT (B, T) -> logits after each row's last token (B, V).
+    """ids (B, T) at absolute positions pos_BT (B, T) -> logits after each row's last token (B, V)."""
+    return _head(w, decode_hidden(w, ids_BT, pos_BT, kvs, masked))
+
+
+def decode_hidden(
+    w: DecoderWeights, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor], masked: bool
+) -> torch.Tensor:
+    """`decode_step` up to the LM head: the final-normed states after each row's last token (B, D).
 
     kvs: per layer the (B, L, r + dr) cache the step writes its latents into and attends to; a position
     p > pos is hidden when `masked` (needed unless L = the single position + 1 of every row; unmasked, the
@@ -174,7 +182,7 @@ def decode_step(
         h = _rms_norm(x, None, cfg.rms_norm_eps)  # its weight is in attn.w_in
         x = x + _attention(attn, cfg, h, cos, sin, kv, rows_B1, pos_BT, hide)
         x = x + _ffn(ffn, cfg, x)
-    return _head(w, _rms_norm(x.view(B, T, -1)[:, -1], w.norm, cfg.rms_norm_eps))
+    return _rms_norm(x.view(B, T, -1)[:, -1], w.norm, cfg.rms_norm_eps)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -256,7 +264,7 @@ def _packed_head(weight_VD: torch.Tensor, batch_size: int) -> torch.Tensor | Non
     On a CPU MKL's sgemm is slow for a few rows times a wide weight (the seed's head at 8 rows: 4.7 ms, 22
     GFLOP/s); oneDNN's product over a weight laid out ahead of time takes 2.8 ms, and the eager decode step
     at batch 3 / 4 / 8 / 32 is 16 / 26 / 23 / 15 % faster. At one row MKL's matrix-vector product is faster
-    (0.9 against 2.4 ms), at two a wash. Eager only: inductor cannot lower the opaque layout."""
+    (0.9 against 2.4 ms), at two a wash. Applied outside compiled graphs: inductor cannot lower the layout."""
     if batch_size < 3 or weight_VD.device.type != "cpu" or weight_VD.dtype != torch.float32:
         return None
     try:
@@ -268,12 +276,13 @@ def _packed_head(weight_VD: torch.Tensor, batch_size: int) -> torch.Tensor | Non
 _COMPILED: dict[str, Callable] = {}
 
 
-def _compiled_step(device_type: str) -> Callable:
-    """One compiled `decode_step` per device type, shared by all decoders (graphs keyed by shapes only)."""
+def _compiled_hidden(device_type: str) -> Callable:
+    """One compiled `decode_hidden` per device type, shared by all decoders (graphs keyed by shapes only).
+    The head stays outside the graph: one product, and from 3 rows on a CPU oneDNN's (`_packed_head`)."""
     if device_type not in _COMPILED:
         # a CPU step is ~130 tiny kernels: the C++ wrapper calls them without Python in between
         options = {"cpp_wrapper": True} if device_type == "cpu" else None
-        _COMPILED[device_type] = torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
+        _COMPILED[device_type] = torch.compile(decode_hidden, fullgraph=True, dynamic=False, options=options)
     return _COMPILED[device_type]
 
 
@@ -304,7 +313,7 @@ class Decoder:
                 ffn=[_ffn_weights(b.mlp, b.post_attention_layernorm.weight, dense) for b in model.layers],
                 norm=model.norm.weight.clone(),
                 head_DV=None,
-                head_packed=None if compile else _packed_head(model.lm_head.weight, batch_size),
+                head_packed=_packed_head(model.lm_head.weight, batch_size),
             )
             if self.weights.head_packed is None:
                 self.weights.head_DV = model.lm_head.weight.t().contiguous()
@@ -321,7 +330,9 @@ class Decoder:
         if start is not None:  # one start for all rows
             pos_BT = torch.arange(start, end, device=ids.device).expand(B, T)
         if self.compile:  # static shapes and strides (a graph per layout): the whole cache, masked
-            step = _compiled_step(ids.device.type)
-            return step(self.weights, ids.contiguous(), pos_BT.contiguous(), cache.kv, True)
+            hidden = _compiled_hidden(ids.device.type)
+            return _head(
+                self.weights, hidden(self.weights, ids.contiguous(), pos_BT.contiguous(), cache.kv, True)
+            )
         kvs = [kv[:, :end] for kv in cache.kv]
         return decode_step(self.weights, ids, pos_BT, kvs, masked=T > 1 or start is None)
