@@ -186,7 +186,7 @@ def decode_hidden(
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """F.rms_norm over the last dimension. In fp32 in five light operations: on a CPU F.rms_norm is
+    """F.rms_norm over the last dimension. In fp32 in six light operations: on a CPU F.rms_norm is
     composite, ~16 dispatches with its casts, ~13 µs at one row against ~8 here, and a step runs 4 per layer.
     Half types keep F.rms_norm, which normalises them in fp32."""
     if x.dtype != torch.float32:
