@@ -151,6 +151,16 @@ def _symlink_atomic(link: Path, target: str) -> None:
 # writing
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file readable as the other files are: safetensors creates it owner-only (0600)."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path), metadata={"format": "pt"})  # transformers reads "pt" as PyTorch
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _tensors_to_save(
     state_dict: Mapping[str, torch.Tensor], config: DeepSeekConfig
 ) -> dict[str, torch.Tensor]:
@@ -270,16 +280,6 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # reading
-
-
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file readable as the other files are: safetensors creates it owner-only (0600)."""
-    from safetensors.torch import save_file
-
-    save_file(dict(tensors), str(path), metadata={"format": "pt"})  # transformers reads "pt" as PyTorch
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _one_line(e: BaseException) -> str:

@@ -97,6 +97,13 @@ class PrepareConfig:
             raise DataError("--seq-len and --max-documents must be positive")
 
 
+def _damaged(path: Path, manifest: object, problem: str) -> DataError:
+    """A damaged prepared directory: the fix is the prepare command that made it, forced."""
+    source = manifest.get("source") if isinstance(manifest, dict) else None
+    inputs = f"its inputs ({source})" if source else "its inputs"
+    return DataError(f"{problem}; rebuild it: `deepseek-lm prepare` with {inputs} and `--out {path} --force`")
+
+
 @dataclass
 class PreparedData:
     """A finished prepared directory. `PreparedData.open(dir)`; `reused` says the cache was hit."""
@@ -108,18 +115,6 @@ class PreparedData:
     @classmethod
     def open(cls, path: str | Path) -> PreparedData:
         path = Path(path)
-        manifest = None
-
-        def damaged(problem: str) -> DataError:
-            inputs = (
-                f"its inputs ({manifest['source']})"
-                if isinstance(manifest, dict) and "source" in manifest
-                else "its inputs"
-            )
-            return DataError(
-                f"{problem}; rebuild it: `deepseek-lm prepare` with {inputs} and `--out {path} --force`"
-            )
-
         try:
             manifest = json.loads((path / "manifest.json").read_text())
         except FileNotFoundError:
@@ -128,24 +123,24 @@ class PreparedData:
                 f"`deepseek-lm prepare [--data FILES] --out {path}`"
             ) from None
         except (ValueError, OSError) as e:
-            raise damaged(f"{path / 'manifest.json'}: unreadable ({e})") from None
+            raise _damaged(path, None, f"{path / 'manifest.json'}: unreadable ({e})") from None
         if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (
             FORMAT,
             FORMAT_VERSION,
         ):
-            raise damaged(f"{path}: not a {FORMAT} v{FORMAT_VERSION} directory")
+            raise _damaged(path, manifest, f"{path}: not a {FORMAT} v{FORMAT_VERSION} directory")
         try:
             sizes = {
                 s: manifest["splits"][s]["tokens"] * np.dtype(manifest["dtype"]).itemsize for s in SPLITS
             }
         except (KeyError, TypeError) as e:
-            raise damaged(f"{path / 'manifest.json'}: incomplete (no {e})") from None
+            raise _damaged(path, manifest, f"{path / 'manifest.json'}: incomplete (no {e})") from None
         for split, size in sizes.items():
             file = path / f"{split}.bin"
             if not file.is_file() or file.stat().st_size != size:
-                raise damaged(f"{file}: missing or truncated")
+                raise _damaged(path, manifest, f"{file}: missing or truncated")
         if not (path / "tokenizer.json").is_file():
-            raise damaged(f"{path / 'tokenizer.json'}: missing")
+            raise _damaged(path, manifest, f"{path / 'tokenizer.json'}: missing")
         return cls(path, manifest)
 
     def tokens(self, split: str) -> np.memmap:

@@ -305,6 +305,7 @@ class Decoder:
         reads = batch_size * cfg.num_experts_per_tok * (1 if compile else 2)
         dense = reads >= cfg.n_routed_experts
         with torch.no_grad():
+            head_packed = _packed_head(model.lm_head.weight, batch_size)
             self.weights = DecoderWeights(
                 config=cfg,
                 embed=model.embed_tokens.weight,
@@ -312,11 +313,9 @@ class Decoder:
                 attn=[_attention_weights(b.self_attn, b.input_layernorm.weight) for b in model.layers],
                 ffn=[_ffn_weights(b.mlp, b.post_attention_layernorm.weight, dense) for b in model.layers],
                 norm=model.norm.weight.clone(),
-                head_DV=None,
-                head_packed=_packed_head(model.lm_head.weight, batch_size),
+                head_DV=None if head_packed is not None else model.lm_head.weight.t().contiguous(),
+                head_packed=head_packed,
             )
-            if self.weights.head_packed is None:
-                self.weights.head_DV = model.lm_head.weight.t().contiguous()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., D) -> logits (..., V)."""
