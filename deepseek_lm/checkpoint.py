@@ -4,6 +4,7 @@ A checkpoint directory holds
     model.safetensors   the model's state_dict, MoE router biases included (a tied head is stored once)
     config.json         {"format": "deepseek-lm", "version": 1, "model": {...}, "train": {...} | null}
     tokenizer.json      the tokenizer the model was trained with (when known)
+    chat_template.jinja the model's chat template (when it has one; data/chat.py), transformers' file name
     trainer_state.pt    training checkpoints only: optimizer, scheduler, scaler, RNG and loader states, step,
                         best validation loss; plain tensors and containers, read with weights_only=True
 
@@ -35,6 +36,7 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TRAINER_STATE_FILE = "trainer_state.pt"
 CHECKPOINTS_DIR = "checkpoints"
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
@@ -52,6 +54,7 @@ class Checkpoint:
     tokenizer: Any  # tokenizers.Tokenizer, or None when the directory has no tokenizer.json
     train_config: dict[str, Any] | None
     path: Path
+    chat_template: str | None = None  # chat_template.jinja, when the checkpoint has one
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,10 +199,12 @@ def write_checkpoint(
     tokenizer: Any = None,
     train_config: Mapping[str, Any] | None = None,
     trainer_state: Mapping[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically: a hidden temporary sibling, fsynced, then renamed.
 
-    `tokenizer` is a `tokenizers.Tokenizer` or the path of a tokenizer.json. An existing `out_dir` is
+    `tokenizer` is a `tokenizers.Tokenizer` or the path of a tokenizer.json; `chat_template` (Jinja text)
+    becomes chat_template.jinja. An existing `out_dir` is
     replaced only once the new one is complete. Failures (a full disk, ...) raise `CheckpointError` naming
     the directory and leave any previous checkpoint as it was.
     """
@@ -212,6 +217,8 @@ def write_checkpoint(
         (tmp / CONFIG_FILE).write_text(_config_json(config, train_config))
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
+        if chat_template is not None:
+            (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template)
         if trainer_state is not None:
             torch.save(dict(trainer_state), tmp / TRAINER_STATE_FILE)
         _fsync_tree(tmp)
@@ -232,13 +239,15 @@ def save_model_dir(
     train_config: Mapping[str, Any] | None = None,
     *,
     config: DeepSeekConfig | None = None,
+    chat_template: str | None = None,
 ) -> Path:
-    """Write `model.safetensors`, `config.json` (and `tokenizer.json`) atomically; the model's own `config`
-    unless one is given."""
+    """Write `model.safetensors`, `config.json` (and `tokenizer.json`, `chat_template.jinja`) atomically; the
+    model's own `config` unless one is given."""
     config = config if config is not None else model.config
     return write_checkpoint(
-        out_dir, model.state_dict(), config, tokenizer=tokenizer, train_config=train_config
-    )
+        out_dir, model.state_dict(), config, tokenizer=tokenizer, train_config=train_config,
+        chat_template=chat_template,
+    )  # fmt: skip
 
 
 def save_training_checkpoint(
@@ -252,13 +261,15 @@ def save_training_checkpoint(
     train_config: Mapping[str, Any] | None = None,
     is_best: bool = False,
     keep_last: int | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step_{step}`, point `latest` (and `best`) at it, prune to the last K."""
     run_dir = Path(run_dir)
     path = run_dir / CHECKPOINTS_DIR / f"step_{step:08d}"
     write_checkpoint(
-        path, state_dict, config, tokenizer=tokenizer, train_config=train_config, trainer_state=trainer_state
-    )
+        path, state_dict, config, tokenizer=tokenizer, train_config=train_config, trainer_state=trainer_state,
+        chat_template=chat_template,
+    )  # fmt: skip
     rel = f"{CHECKPOINTS_DIR}/{path.name}"
     _symlink_atomic(run_dir / "latest", rel)
     if is_best:
@@ -380,6 +391,14 @@ def load_tokenizer_file(ckpt_dir: str | Path) -> Any:
         raise CheckpointError(f"{path} is corrupt or unreadable ({_one_line(e)}): {_DAMAGED}") from e
 
 
+def read_chat_template(ckpt_dir: str | Path) -> str | None:
+    path = Path(ckpt_dir) / CHAT_TEMPLATE_FILE
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable ({_one_line(e)}): {_DAMAGED}") from e
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint (or a run directory's best, else latest) into a fresh model in eval mode."""
     from deepseek_lm.model import get_model
@@ -390,4 +409,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     model = get_model(config, device=device)
     load_model_weights(model, state, config, ckpt_dir / MODEL_FILE)
     model.eval()
-    return Checkpoint(model, config, load_tokenizer_file(ckpt_dir), train_config, ckpt_dir)
+    tokenizer, chat_template = load_tokenizer_file(ckpt_dir), read_chat_template(ckpt_dir)
+    return Checkpoint(model, config, tokenizer, train_config, ckpt_dir, chat_template)

@@ -75,7 +75,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32"
         _write_json(tmp / CONFIG_FILE, hf_config)
         _write_json(tmp / "generation_config.json", _generation_config(config))
         if ckpt.tokenizer is not None:
-            write_tokenizer_files(ckpt.tokenizer, tmp, config)
+            write_tokenizer_files(ckpt.tokenizer, tmp, config, ckpt.chat_template)
         else:
             notes.append(f"{ckpt.path} has no tokenizer.json: the export has no tokenizer files")
     return InteropReport(out, model_type, notes)
@@ -102,9 +102,15 @@ def _generation_config(config: DeepSeekConfig) -> dict[str, Any]:
     }
 
 
-def write_tokenizer_files(tokenizer: Any, out_dir: Path, config: DeepSeekConfig) -> None:
+def write_tokenizer_files(
+    tokenizer: Any, out_dir: Path, config: DeepSeekConfig, chat_template: str | None = None
+) -> None:
     """tokenizer.json + tokenizer_config.json + special_tokens_map.json: `AutoTokenizer` then loads a
-    `PreTrainedTokenizerFast` that encodes and decodes exactly as the `tokenizers.Tokenizer` does."""
+    `PreTrainedTokenizerFast` that encodes and decodes exactly as the `tokenizers.Tokenizer` does, and whose
+    `apply_chat_template` renders the chat format our server uses (the stored template, else the built-in
+    one for this tokenizer: data/chat.py)."""
+    from deepseek_lm.data.chat import ChatFormat
+
     tokenizer.save(str(out_dir / "tokenizer.json"))
     names = {
         f"{kind}_token": tokenizer.id_to_token(token_id) if token_id is not None else None
@@ -122,6 +128,7 @@ def write_tokenizer_files(tokenizer: Any, out_dir: Path, config: DeepSeekConfig)
             "model_max_length": config.max_position_embeddings,
             # byte-level BPE decodes exactly; the legacy clean-up would delete spaces before punctuation
             "clean_up_tokenization_spaces": False,
+            "chat_template": ChatFormat.for_tokenizer(tokenizer, chat_template).template,
         },
     )
     _write_json(out_dir / "special_tokens_map.json", {k: v for k, v in names.items() if v is not None})
@@ -143,7 +150,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> InteropReport:
     # our own names and shapes, checked once more by the checkpoint code (one line naming the tensor)
     load_model_weights(model, from_hf_state_dict(hf_state, config, str(hf_dir)), config, hf_dir)
     tokenizer, notes = _read_tokenizer(hf_dir)
-    save_model_dir(out, model.eval(), tokenizer)
+    save_model_dir(out, model.eval(), tokenizer, chat_template=_read_chat_template(hf_dir))
     return InteropReport(out, raw["model_type"], notes)
 
 
@@ -199,6 +206,20 @@ def _read_tokenizer(hf_dir: Path) -> tuple[Any, list[str]]:
         return Tokenizer.from_file(str(path)), []
     except Exception as e:
         raise InteropError(f"{path} is not a valid tokenizer.json: {' '.join(str(e).split())}") from e
+
+
+def _read_chat_template(hf_dir: Path) -> str | None:
+    """transformers' chat template: chat_template.jinja, else tokenizer_config.json's `chat_template` (a
+    string, or a list of named templates of which we take "default")."""
+    if (hf_dir / "chat_template.jinja").is_file():
+        return (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if not (hf_dir / "tokenizer_config.json").is_file():
+        return None
+    template = _read_json(hf_dir / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 # ---------------------------------------------------------------------------------------------------------

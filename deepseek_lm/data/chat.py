@@ -1,0 +1,150 @@
+"""Chat format: OpenAI-style messages → one prompt string, through a Jinja chat template.
+
+The template follows transformers' `apply_chat_template` contract, so that the `chat_template` written into an
+exported tokenizer_config.json gives exactly our prompt, hence our ids: it sees `messages` (a list of
+{"role", "content"}), `add_generation_prompt` and the tokenizer's special tokens (`bos_token`, `eos_token`,
+`pad_token`), and renders in a sandboxed environment with `trim_blocks` and `lstrip_blocks`, the
+`loopcontrols` extension, a `tojson` that does not escape HTML and a `raise_exception(message)` global.
+
+Two built-in templates:
+- `PLAIN_CHAT_TEMPLATE`, for a model that never saw a chat: one line per turn, `Role: content`, and a last
+  `Assistant:` for the reply. A pretrained model continues that as text, so an assistant turn ends where the
+  model starts a new role line (`PLAIN_STOP`) or ends the document (<|endoftext|>).
+- `TOKEN_CHAT_TEMPLATE`, for a model fine-tuned with role tokens (`deepseek-lm finetune` adds them to the
+  tokenizer): `<|user|>content<|end|><|assistant|>...`; an assistant turn ends with the `<|end|>` token.
+
+A checkpoint stores its template as `chat_template.jinja` (transformers' file name); one without a template
+chats through `TOKEN_CHAT_TEMPLATE` when its tokenizer has the role tokens, else `PLAIN_CHAT_TEMPLATE`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from deepseek_lm.data.tokenizer import special_token_ids
+from deepseek_lm.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
+
+# fmt: off
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+# the next role line, which a model that continues the plain template as text writes after its answer
+PLAIN_STOP = ("\nUser:", "\nSystem:", "\nAssistant:")
+
+SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+ROLE_TOKENS = (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN)
+TOKEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+# fmt: on
+
+# tokens that end a turn in chat formats a loaded tokenizer may come with (ours first)
+_END_OF_TURN_ALIASES = (END_TOKEN, "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """OpenAI chat messages → [{"role", "content"}] with plain-string content, or a one-line `UserError`.
+
+    Content may be a string or a list of text parts (`{"type": "text", "text": ...}`); `developer` is read as
+    `system`. Anything else (images, tool calls, unknown roles) is refused, naming the message."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise UserError("messages must be a non-empty list of {role, content} objects")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise UserError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+        if role not in ROLES:
+            raise UserError(
+                f"messages[{i}].role must be one of {', '.join(ROLES)} (got {message.get('role')!r})"
+            )
+        checked.append({"role": role, "content": _text_content(message.get("content"), i)})
+    return checked
+
+
+def _text_content(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise UserError(
+        f"messages[{i}].content must be a string or a list of text parts ({{'type': 'text', 'text': ...}})"
+    )
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat template and what ends an assistant turn under it."""
+
+    template: str
+    stop: tuple[str, ...] = ()  # strings that end an assistant turn (never shown)
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end an assistant turn (besides end-of-text)
+    special_tokens: tuple[tuple[str, str], ...] = ()  # (name, token) the template may read: bos/eos/pad
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, template: str | None = None) -> ChatFormat:
+        """The format of a checkpoint: its stored `template`, else the built-in one its tokenizer suits."""
+        has_role_tokens = all(tokenizer.token_to_id(t) is not None for t in ROLE_TOKENS)
+        if template is None:
+            template = TOKEN_CHAT_TEMPLATE if has_role_tokens else PLAIN_CHAT_TEMPLATE
+        end_ids = tuple(
+            i for t in _END_OF_TURN_ALIASES if t in template and (i := tokenizer.token_to_id(t)) is not None
+        )
+        ids = special_token_ids(tokenizer)
+        names = {"bos_token": ids["bos"], "eos_token": ids["eot"], "pad_token": ids["pad"]}
+        special = tuple((k, tokenizer.id_to_token(v)) for k, v in names.items() if v is not None)
+        stop = PLAIN_STOP if template == PLAIN_CHAT_TEMPLATE else ()
+        return cls(template, stop, end_ids, special)
+
+    def render(self, messages: Any, add_generation_prompt: bool = True) -> str:
+        """The prompt for `messages` (checked by `check_messages`), ending with the assistant's cue."""
+        import jinja2
+
+        try:
+            return _compile(self.template).render(
+                messages=check_messages(messages),
+                add_generation_prompt=add_generation_prompt,
+                **dict(self.special_tokens),
+            )
+        except jinja2.TemplateError as e:
+            raise UserError(f"the chat template failed on these messages: {e}") from None
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str) -> Any:
+    """The template compiled in an environment like transformers' (see the module docstring)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
