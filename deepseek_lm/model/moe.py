@@ -11,8 +11,14 @@ contiguous slice (`torch._grouped_mm` where the device supports it: one call for
 the experts' slices), and the weighted outputs are added back with `index_add`. Nothing scales with
 tokens × experts × hidden.
 
+Expert parallelism (`shard_experts`): each of n processes keeps e = E/n experts. The sorted assignments go to
+the processes that own their experts (all-to-all, expert_parallel.py), which sort what they receive by expert
+and run it as above, and the outputs come back for the same combine. Capacity is the group's: an expert
+keeps its heaviest assignments among those of all n processes, as one process holding the whole batch would.
+
 Legend: T tokens (B·S), D hidden, E routed experts, K experts per token, A = T·K assignments (fewer after
-capacity dropping), I expert intermediate size, G groups of e experts, N sequences (aux loss).
+capacity dropping), I expert intermediate size, G groups of e experts, N sequences (aux loss); with expert
+parallelism n processes, e = E/n local experts, R rows received from the group.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.model.expert_parallel import ExpertShard
 from deepseek_lm.model.layers import SwiGLU
 
 
@@ -106,10 +113,22 @@ class Experts(nn.Module):
         outs, start = [], 0
         for e, n in enumerate(counts_E.tolist()):  # one host sync; empty experts are skipped
             if n:
-                gate_nI, up_nI = F.linear(x_AD[start : start + n], self.gate_up_proj[e]).chunk(2, -1)
-                outs.append(F.linear(F.silu(gate_nI) * up_nI, self.down_proj[e]))
+                outs.append(self._expert(e, x_AD[start : start + n]))
                 start += n
-        return torch.cat(outs) if outs else x_AD.new_zeros(0, x_AD.shape[1])
+        # no rows at all (an expert-parallel process that received none): expert 0 over the empty input keeps
+        # the weights in the graph, so their gradient is zeros, not None, and every process of the group runs
+        # the same backward collectives
+        return torch.cat(outs) if outs else self._expert(0, x_AD)
+
+    def _expert(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
+        gate_nI, up_nI = F.linear(x_nD, self.gate_up_proj[e]).chunk(2, -1)
+        return F.linear(F.silu(gate_nI) * up_nI, self.down_proj[e])
+
+    @torch.no_grad()
+    def keep(self, first: int, stop: int) -> None:
+        """Hold only experts [first, stop) (expert parallelism); works on the meta device too."""
+        self.gate_up_proj = nn.Parameter(self.gate_up_proj[first:stop].clone())
+        self.down_proj = nn.Parameter(self.down_proj[first:stop].clone())
 
     def _grouped_ok(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         if self.use_grouped_mm is not None:
@@ -136,6 +155,23 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def sort_by_expert(ids_A: torch.Tensor, w_A, counts_E: torch.Tensor, cap: int | None) -> torch.Tensor:
+    """Assignment indices grouped by expert id (stable); `counts_E` = assignments per expert.
+
+    Over capacity `cap`, an expert keeps its assignments with the largest gate weights `w_A` and drops the
+    rest (DeepSeek-V2 §2.2's "lowest affinity" rule, rather than position, which would always drop late
+    tokens); ties go to the earlier assignment.
+    """
+    if cap is None or cap >= ids_A.numel():
+        return ids_A.argsort(stable=True)
+    by_weight_A = w_A.argsort(descending=True, stable=True)
+    order_A = by_weight_A[ids_A[by_weight_A].argsort(stable=True)]  # by expert, then by weight
+    rank_A = (
+        torch.arange(ids_A.numel(), device=ids_A.device) - (counts_E.cumsum(0) - counts_E)[ids_A[order_A]]
+    )
+    return order_A[rank_A < cap]
+
+
 class MoE(nn.Module):
     def __init__(self, config: DeepSeekConfig) -> None:
         super().__init__()
@@ -144,21 +180,22 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         shared = config.moe_intermediate_size * config.n_shared_experts
         self.shared_experts = SwiGLU(config.hidden_size, shared) if shared else None
+        self.ep: ExpertShard | None = None  # expert parallelism: this process's share (`shard_experts`)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
         """-> output (B, S, D), α-weighted aux loss (), stats. Dropped assignments add nothing (residual only)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         topk_ids_TK, w_TK, probs_TE = self.gate(x_TD)
-        order_A, counts_E, kept_E = self._sort_assignments(topk_ids_TK, w_TK)
+        run = self._run_experts if self.ep is None else self._run_experts_parallel
+        order_A, y_AD, counts_E, kept_frac = run(x_TD, topk_ids_TK, w_TK)
         tok_A = order_A // topk_ids_TK.shape[1]
-        y_AD = self.experts(x_TD[tok_A], kept_E)
         y_AD = y_AD * w_TK.view(-1)[order_A, None].to(y_AD.dtype)
         # the routed outputs are added in place onto the shared experts' output: no (T, D) zeros + add
         out_TD = self.shared_experts(x_TD) if self.shared_experts is not None else torch.zeros_like(x_TD)
         out_TD.index_add_(0, tok_A, y_AD.to(out_TD.dtype))  # under autocast the two dtypes can differ
         aux = self._aux_loss(topk_ids_TK, probs_TE, B) if self.training else probs_TE.new_zeros(())
-        stats = self._stats(counts_E, order_A.numel() / topk_ids_TK.numel(), probs_TE)
+        stats = self._stats(counts_E, kept_frac, probs_TE)
         return out_TD.view(B, S, D), aux, stats
 
     def capacity(self, n_tokens: int) -> int | None:
@@ -168,24 +205,58 @@ class MoE(nn.Module):
             return None
         return math.ceil(cf * n_tokens * self.config.num_experts_per_tok / self.config.n_routed_experts)
 
-    def _sort_assignments(self, topk_ids_TK: torch.Tensor, w_TK: torch.Tensor):
-        """-> order_A' (assignment indices grouped by expert), counts_E (routed), kept_E (after dropping).
+    def _run_experts(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_TK: torch.Tensor):
+        """-> order_A (the kept assignments, by expert), their expert outputs y_AD, counts_E, kept fraction."""
+        order_A, counts_E, kept_E = self._sort_assignments(topk_ids_TK, w_TK)
+        y_AD = self.experts(x_TD[order_A // topk_ids_TK.shape[1]], kept_E)
+        return order_A, y_AD, counts_E, order_A.numel() / topk_ids_TK.numel()
 
-        Over capacity, an expert keeps its assignments with the largest gate weights and drops the rest
-        (DeepSeek-V2 §2.2's "lowest affinity" rule, rather than position, which would always drop late tokens).
-        """
-        E = self.config.n_routed_experts
+    def _sort_assignments(self, topk_ids_TK: torch.Tensor, w_TK: torch.Tensor):
+        """-> order_A' (assignment indices grouped by expert), counts_E (routed), kept_E (after dropping)."""
         ids_A = topk_ids_TK.reshape(-1)
-        counts_E = torch.bincount(ids_A, minlength=E)
+        counts_E = torch.bincount(ids_A, minlength=self.config.n_routed_experts)
         cap = self.capacity(topk_ids_TK.shape[0])
-        if cap is None or cap >= ids_A.numel():
-            return ids_A.argsort(stable=True), counts_E, counts_E
-        by_weight_A = w_TK.detach().reshape(-1).argsort(descending=True, stable=True)
-        order_A = by_weight_A[ids_A[by_weight_A].argsort(stable=True)]  # by expert, then by weight
-        rank_A = (
-            torch.arange(ids_A.numel(), device=ids_A.device) - (counts_E.cumsum(0) - counts_E)[ids_A[order_A]]
-        )
-        return order_A[rank_A < cap], counts_E, counts_E.clamp(max=cap)
+        order_A = sort_by_expert(ids_A, w_TK.detach().reshape(-1), counts_E, cap)
+        return order_A, counts_E, counts_E if cap is None else counts_E.clamp(max=cap)
+
+    # expert parallelism -----------------------------------------------------------------------------------
+
+    def shard_experts(self, shard: ExpertShard) -> None:
+        """Keep only this process's E/n routed experts; forward then trades rows with the group (all-to-all)."""
+        e, rest = divmod(self.config.n_routed_experts, shard.size)
+        if rest:
+            raise ValueError(
+                f"{self.config.n_routed_experts} experts do not split over {shard.size} processes"
+            )
+        self.experts.keep(shard.rank * e, (shard.rank + 1) * e)
+        self.ep = shard
+
+    def _run_experts_parallel(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_TK: torch.Tensor):
+        """`_run_experts` with the experts shared out. order_A holds every assignment: capacity is applied
+        where the experts are, and a dropped assignment comes back as a row of zeros."""
+        ep, E, K = self.ep, self.config.n_routed_experts, topk_ids_TK.shape[1]
+        e, mine = E // ep.size, slice(ep.rank * E // ep.size, (ep.rank + 1) * E // ep.size)
+        ids_A = topk_ids_TK.reshape(-1)
+        order_A = ids_A.argsort(stable=True)  # by expert, so by the process that owns it
+        counts_E = torch.bincount(ids_A, minlength=E)
+        counts_nE = ep.gather(counts_E[None])  # every process's routing: split sizes, the group's counts
+        counts = counts_nE.tolist()  # the one host sync: all-to-all takes its split sizes as ints
+        send = [sum(counts[ep.rank][j * e : (j + 1) * e]) for j in range(ep.size)]
+        recv = [sum(row[mine]) for row in counts]
+        group_E = [sum(col) for col in zip(*counts)]
+        cap = self.capacity(sum(group_E) // K)  # over the group's tokens, as one process with all of them
+        # rows travel in the compute dtype (bf16 under autocast): the experts would cast them anyway
+        x_RD = ep.exchange(x_TD[order_A // K].to(_autocast_dtype(x_TD)), send, recv)
+        # received: by source process, then by local expert, then in the source's token order
+        ids_R = torch.arange(e, device=x_TD.device).repeat(ep.size)
+        ids_R = ids_R.repeat_interleave(counts_nE[:, mine].flatten(), output_size=sum(recv))
+        w_R = ep.exchange(w_TK.detach().reshape(-1)[order_A], send, recv) if cap is not None else None
+        here_e = counts_nE[:, mine].sum(0)
+        sort_R = sort_by_expert(ids_R, w_R, here_e, cap)  # by expert, then by source: the global token order
+        y_RD = self.experts(x_RD[sort_R], here_e if cap is None else here_e.clamp(max=cap))
+        y_RD = y_RD.new_zeros(x_RD.shape).index_copy(0, sort_R, y_RD)  # arrival order; dropped rows stay 0
+        kept = sum(group_E) if cap is None else sum(min(c, cap) for c in group_E)
+        return order_A, ep.exchange(y_RD, recv, send), counts_E, kept / max(sum(group_E), 1)
 
     def _aux_loss(self, topk_ids_TK: torch.Tensor, probs_TE: torch.Tensor, B: int) -> torch.Tensor:
         """α Σ_i f_i P_i (DeepSeek-V2 eq. 12-14; V3 eq. 17-20 per sequence when `seq_aux`).

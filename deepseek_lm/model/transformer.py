@@ -172,8 +172,11 @@ class DeepSeekLM(nn.Module):
     def param_counts(self) -> dict[str, int]:
         """total (unique parameters), activated per token (only K of E routed experts), embedding (input table)."""
         cfg = self.config
-        total = sum(p.numel() for p in self.parameters())
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        # the routed experts from the config: under expert parallelism this process holds only some of them
+        routed = {id(p) for moe in self.moe_layers() for p in moe.experts.parameters()}
+        total = sum(p.numel() for p in self.parameters() if id(p) not in routed)
+        total += len(self.moe_layers()) * cfg.n_routed_experts * per_expert
         inactive = len(self.moe_layers()) * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
         return dict(total=total, activated=total - inactive, embedding=self.embed_tokens.weight.numel())
 
