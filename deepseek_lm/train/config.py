@@ -71,6 +71,9 @@ class TrainConfig:
     """Recompute each block's activations in the backward pass (less memory, ~30 % more compute)."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state with FSDP2 (for GPUs; also runs on CPU over gloo)."""
+    expert_parallel: int = 1
+    """Under torchrun: share each MoE layer's routed experts out over groups of N processes (all-to-all
+    dispatch); N divides the process count and n_routed_experts. 1: every process holds every expert."""
     dist_timeout_s: float = 600.0
     """How long a collective may wait for another process before this one fails."""
 
@@ -108,7 +111,9 @@ class TrainConfig:
     """The model's vocabulary is the tokenizer's, padded up to a multiple of this."""
 
     def __post_init__(self) -> None:
-        positive = ["seq_len", "micro_batch_size", "grad_accum_steps", "log_every", "keep_last"]
+        positive = [
+            "seq_len", "micro_batch_size", "grad_accum_steps", "log_every", "keep_last", "expert_parallel",
+        ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be > 0 (got {getattr(self, name)})")

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deepseek_lm.errors import UserError
+from deepseek_lm.train import expert_parallel as EP
 
 
 @dataclass(frozen=True)
@@ -132,26 +133,35 @@ def barrier(info: DistInfo) -> None:
 # wrapping the model
 
 
-def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, *, fsdp: bool, param_dtype=None):
-    """DDP (or FSDP2 on GPUs) around `model`; the model itself when single-process."""
+def wrap_model(
+    model: nn.Module, info: DistInfo, device: torch.device, *, fsdp: bool, param_dtype=None, ep=None
+):
+    """DDP (or FSDP2 on GPUs) around `model`; the model itself when single-process. `ep`: the
+    `ExpertParallel` whose experts `model` already holds a slice of (expert_parallel.py)."""
     if fsdp:
-        return _fully_shard(model, info, device, param_dtype)
+        return _fully_shard(model, info, device, param_dtype, ep)
     if not info.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if ep is not None:
+        # each process holds other experts: DDP must neither overwrite them with rank 0's at start nor average
+        # their gradients (reduce_expert_grads does, over the processes holding the same experts)
+        names = [name for name, _ in EP.routed_parameters(model)]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, names)
     # The MoE bias buffers are updated identically on every rank from all-reduced counts, so DDP need not
     # broadcast buffers each forward.
     device_ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=device_ids, broadcast_buffers=False)
 
 
-def _fully_shard(model: nn.Module, info: DistInfo, device: torch.device, param_dtype):
-    """FSDP2: each block, then the root, shards its parameters over all ranks (a 1-D device mesh).
+def _fully_shard(model: nn.Module, info: DistInfo, device: torch.device, param_dtype, ep):
+    """FSDP2: each block, then the root, shards its parameters over all ranks (a 1-D device mesh); with
+    expert parallelism each MoE layer's experts first, over the processes that hold the same experts.
 
     Meant for GPUs (NCCL); it also runs on CPU over gloo, which the tests use to check the sharded path.
     """
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():  # FSDP2 in a single process still needs a process group
@@ -161,10 +171,30 @@ def _fully_shard(model: nn.Module, info: DistInfo, device: torch.device, param_d
     # compute in param_dtype (bf16 on GPUs), reduce gradients in fp32, keep fp32 master weights: torchtitan's
     # default policy
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if ep is not None:  # torchtitan's layout: experts sharded by EP, then by FSDP over their replicas
+        replicas = ep.replicas or dist.new_group([info.rank])  # alone: a mesh of one
+        replica_mesh = DeviceMesh.from_group(replicas, device.type)
+        for moe in model.moe_layers():
+            fully_shard(moe.experts, mesh=replica_mesh, mp_policy=mp)
+            # the other gradients are averaged over all processes: so are these (see expert_parallel.py)
+            moe.experts.set_gradient_divide_factor(info.world_size)
+            # by a sum and a division: the fused pre-multiplied sum is NCCL's alone (gloo refuses it). Not
+            # on a mesh of one, where torch 2.13 would then divide twice.
+            moe.experts.set_force_sum_reduction_for_comms(replica_mesh.size() > 1)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, ep=None) -> float:
+    """Clip the global gradient norm to `max_norm` -> the norm before clipping, the same on every rank.
+    `model`: the plain or FSDP2 model (its parameters are the ones DDP's wrapper holds)."""
+    if ep is not None:
+        norm = EP.clip_grad_norm_(model, max_norm, ep)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -197,25 +227,37 @@ def _fsdp_no_sync(model):
 # full state dicts for our one-directory checkpoints
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict (on CPU); a collective under FSDP2, so every rank must call it."""
+def full_model_state(model: nn.Module, ep=None) -> dict[str, torch.Tensor]:
+    """The unsharded state dict (on CPU); a collective under FSDP2 or expert parallelism (`ep`), so every
+    rank must call it. `model`: the FSDP2 model, or the plain one (not DDP's wrapper)."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return state if ep is None else EP.full_model_state(state, model, ep)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ep=None) -> dict[str, Any]:
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(model, optimizer, options=options)
-    return optimizer.state_dict()
+        state = get_optimizer_state_dict(model, optimizer, options=options)
+    else:
+        state = optimizer.state_dict()
+    if ep is None:
+        return state
+    return EP.full_optimizer_state(state, model, optimizer, ep, by_name=is_fsdp(model))
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], ep=None
+) -> None:
+    if ep is not None:
+        state = EP.local_optimizer_state(state, model, optimizer, ep)
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

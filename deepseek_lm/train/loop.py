@@ -20,6 +20,7 @@ import torch
 
 from deepseek_lm import checkpoint as ckpt
 from deepseek_lm.train import distributed as D
+from deepseek_lm.train import expert_parallel as EP
 from deepseek_lm.train.budget import TimeBudget
 from deepseek_lm.train.monitor import (
     Monitor,
@@ -30,7 +31,7 @@ from deepseek_lm.train.monitor import (
     resource_usage,
 )
 from deepseek_lm.train.samples import format_samples, generate_samples
-from deepseek_lm.train.trainer import Trainer, save
+from deepseek_lm.train.trainer import Trainer, full_model_state, save
 
 NONFINITE_LIMIT = 3  # non-finite steps in a row before the run saves and stops
 
@@ -86,6 +87,8 @@ def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor, sync: bool) -
         out = t.model(x, targets=y)
         loss = (out.loss + out.aux_loss) / t.cfg.grad_accum_steps
     t.scaler.scale(loss).backward()
+    if sync and t.ep is not None and not t.fsdp:  # DDP has reduced the other gradients by now
+        EP.reduce_expert_grads(t.raw_model, t.ep)
     return out
 
 
@@ -118,8 +121,7 @@ def optimizer_step(t: Trainer) -> float | None:
     """Unscale, clip, step; None (and no update) when the gradients are not finite."""
     t.scaler.unscale_(t.optimizer)
     max_norm = t.cfg.grad_clip if t.cfg.grad_clip > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm)
-    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+    norm = D.clip_grad_norm(t.raw_model, max_norm, t.ep)
     if not math.isfinite(norm) and not t.scaler.is_enabled():  # fp16's scaler skips such steps itself
         t.optimizer.zero_grad(set_to_none=True)
         return None
@@ -304,9 +306,10 @@ def run_eval(t: Trainer, monitor: Monitor | None, max_batches: int | None, *, sa
 
 
 def run_samples(t: Trainer, monitor: Monitor | None) -> list[str]:
-    """Samples from the fixed prompts, on rank 0 only. Under FSDP2 the full weights are gathered (every rank
-    takes part) into a plain copy: the engine's cached decoding then never runs through sharded modules."""
-    state = D.full_model_state(t.model) if t.fsdp else None
+    """Samples from the fixed prompts, on rank 0 only. Under FSDP2 or expert parallelism the full weights are
+    gathered (every rank takes part) into a plain copy: the engine's cached decoding then never runs through
+    sharded modules."""
+    state = full_model_state(t) if t.sharded else None
     if not t.dist.is_main:
         return []
     model = t.raw_model if state is None else plain_copy(t, state)

@@ -114,6 +114,7 @@ def prepare_run_dir(t: Trainer, resume: bool, preset: str | None) -> None:
 
 def header(t: Trainer, resolved: dict[str, Any]) -> str:
     cfg, counts = t.cfg, t.raw_model.param_counts()
+    E, ep = t.model_config.n_routed_experts, t.ep.size if t.ep else 1
     manifest = t.data.manifest
     xz = manifest.get("xz_bits_per_byte")
     epochs = t.total_steps * cfg.grad_accum_steps / t.loader.batches_per_epoch
@@ -123,7 +124,8 @@ def header(t: Trainer, resolved: dict[str, Any]) -> str:
         "resolved config:",
         *("  " + line for line in yaml.safe_dump(resolved, sort_keys=False).splitlines()),
         f"device {t.device} · precision {t.precision.name} · {t.dist.world_size} process(es)"
-        + (" · FSDP2" if t.fsdp else " · DDP" if t.dist.enabled else ""),
+        + (" · FSDP2" if t.fsdp else " · DDP" if t.dist.enabled else "")
+        + (f" · expert parallel {ep} ({E // ep} of {E} routed experts per process)" if ep > 1 else ""),
         f"global batch {cfg.micro_batch_size} × {cfg.grad_accum_steps} accumulation × {t.dist.world_size} "
         f"process(es) = {cfg.micro_batch_size * cfg.grad_accum_steps * t.dist.world_size} sequences "
         f"× {cfg.seq_len} tokens = {t.tokens_per_step:,} tokens per step",

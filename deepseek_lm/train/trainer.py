@@ -1,8 +1,8 @@
 """Everything a training run holds (`Trainer`), how it is built, and how it is saved and restored.
 
-Build order matters: process group → device → data → model (weights restored before wrapping) →
-DDP / FSDP2 → optimizer → scheduler / scaler / loader states → RNG states last, so nothing after the restore
-draws from the generators before the first step.
+Build order matters: process group → device → data → model (weights restored before wrapping) → expert
+parallelism (each process keeps its slice of the experts) → DDP / FSDP2 → optimizer → scheduler / scaler /
+loader states → RNG states last, so nothing after the restore draws from the generators before the first step.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from deepseek_lm import checkpoint as ckpt
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.errors import UserError
 from deepseek_lm.train import distributed as D
+from deepseek_lm.train import expert_parallel as EP
 from deepseek_lm.train.config import TrainConfig, padded_vocab
 from deepseek_lm.train.optim import build_optimizer, build_scheduler
 from deepseek_lm.train.precision import Precision, choose_device, choose_precision
@@ -46,7 +47,7 @@ class Trainer:
     dist: D.DistInfo
     device: torch.device
     precision: Precision
-    raw_model: nn.Module  # the DeepSeekLM itself: state dicts, router biases, flops_per_token
+    raw_model: nn.Module  # the DeepSeekLM itself (FSDP2 shards it in place): state dicts, router biases, ...
     model: nn.Module  # what the step calls: raw_model, or its DDP / FSDP2 wrapping
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -56,6 +57,7 @@ class Trainer:
     total_steps: int
     state: TrainState = field(default_factory=TrainState)
     resumed_from: Path | None = None
+    ep: EP.ExpertParallel | None = None  # train.expert_parallel > 1: raw_model holds a slice of the experts
 
     @property
     def tokens_per_step(self) -> int:
@@ -64,6 +66,11 @@ class Trainer:
     @property
     def fsdp(self) -> bool:
         return D.is_fsdp(self.model)
+
+    @property
+    def sharded(self) -> bool:
+        """No process holds the whole model (FSDP2 or expert parallelism): gather it to save or sample."""
+        return self.fsdp or self.ep is not None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,7 +151,8 @@ def build_trainer(
     data = open_data(cfg, info)
     resume_dir = ckpt.latest_checkpoint(run_dir, training=True) if resume else None
     model_config, raw_model = model_for_run(model_config, cfg, data, device, resume_dir)
-    model = prepare_model(raw_model, cfg, info, device, precision)
+    ep = expert_parallel(raw_model, cfg, info, precision)
+    model = prepare_model(raw_model, cfg, info, device, precision, ep)
     optimizer = build_optimizer(model, cfg, device.type)
     loader = TokenLoader(
         data.tokens("train"), cfg.seq_len, cfg.micro_batch_size,
@@ -153,7 +161,7 @@ def build_trainer(
     steps = total_steps(cfg, loader)
     trainer = Trainer(
         model_config, cfg, run_dir, info, device, precision, raw_model, model, optimizer,
-        build_scheduler(optimizer, cfg, steps), precision.grad_scaler(), data, loader, steps,
+        build_scheduler(optimizer, cfg, steps), precision.grad_scaler(), data, loader, steps, ep=ep,
     )  # fmt: skip
     if resume_dir is not None:
         restore_trainer_state(trainer, ckpt.read_trainer_state(resume_dir))
@@ -169,8 +177,27 @@ def check_vocab(config: DeepSeekConfig, data: Any) -> None:
         )
 
 
+def expert_parallel(
+    raw_model: nn.Module, cfg: TrainConfig, info: D.DistInfo, precision: Precision
+) -> EP.ExpertParallel | None:
+    """With train.expert_parallel > 1: the process groups, and `raw_model` keeps this process's experts."""
+    n_experts = raw_model.config.n_routed_experts
+    ep = EP.setup(
+        cfg.expert_parallel, info.world_size, n_experts, len(raw_model.moe_layers()), precision.name,
+        cfg.dist_timeout_s,
+    )  # fmt: skip
+    if ep is not None:
+        EP.shard_experts(raw_model, ep)
+    return ep
+
+
 def prepare_model(
-    raw_model: nn.Module, cfg: TrainConfig, info: D.DistInfo, device: torch.device, precision: Precision
+    raw_model: nn.Module,
+    cfg: TrainConfig,
+    info: D.DistInfo,
+    device: torch.device,
+    precision: Precision,
+    ep: EP.ExpertParallel | None = None,
 ) -> nn.Module:
     """Gradient checkpointing, torch.compile and DDP / FSDP2, in that order (as torchtitan applies them)."""
     if cfg.gradient_checkpointing:
@@ -186,7 +213,7 @@ def prepare_model(
         for layer in raw_model.layers:
             layer.compile()
     param_dtype = precision.dtype if precision.name != "fp32" else None
-    return D.wrap_model(raw_model, info, device, fsdp=cfg.fsdp, param_dtype=param_dtype)
+    return D.wrap_model(raw_model, info, device, fsdp=cfg.fsdp, param_dtype=param_dtype, ep=ep)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +255,7 @@ def trainer_state_dict(t: Trainer) -> dict[str, Any]:
     """Everything but the weights; a collective under FSDP2 / DDP (every rank must call it)."""
     return {
         "state": vars(t.state).copy(),
-        "optimizer": D.full_optimizer_state(t.model, t.optimizer),
+        "optimizer": D.full_optimizer_state(t.raw_model, t.optimizer, t.ep),
         "scheduler": t.scheduler.state_dict(),
         "scaler": t.scaler.state_dict(),
         "loader": t.loader.state_dict(),
@@ -239,7 +266,7 @@ def trainer_state_dict(t: Trainer) -> dict[str, Any]:
 
 def restore_trainer_state(t: Trainer, saved: dict[str, Any]) -> None:
     t.state = TrainState(**saved["state"])
-    D.load_optimizer_state(t.model, t.optimizer, saved["optimizer"])
+    D.load_optimizer_state(t.raw_model, t.optimizer, saved["optimizer"], t.ep)
     t.scheduler.load_state_dict(saved["scheduler"])
     t.scaler.load_state_dict(saved["scaler"])
     t.loader.load_state_dict(saved["loader"])
@@ -247,9 +274,14 @@ def restore_trainer_state(t: Trainer, saved: dict[str, Any]) -> None:
     set_rng_state(rng[t.dist.rank] if len(rng) == t.dist.world_size else rng[0], t.device)
 
 
+def full_model_state(t: Trainer) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the CPU; a collective when sharded (every rank calls it)."""
+    return D.full_model_state(t.raw_model, t.ep)
+
+
 def save(t: Trainer, *, is_best: bool = False) -> Path | None:
     """Write a checkpoint of the current step (rank 0 writes; every rank takes part in the gathering)."""
-    model_state = D.full_model_state(t.model if t.fsdp else t.raw_model)
+    model_state = full_model_state(t)
     trainer_state = trainer_state_dict(t)
     path, error = None, None
     if t.dist.is_main:
