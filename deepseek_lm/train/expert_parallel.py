@@ -59,6 +59,8 @@ def setup(
         else "has no routed experts to share out: the model has no MoE layer" if n_moe_layers == 0
         # fp16's loss scaler decides to skip a step from each process's own gradients, which differ under EP
         else "needs precision bf16 or fp32 (fp16's loss scaler is per process)" if precision == "fp16"
+        # torch.nn.utils.get_total_norm (2.6), FSDP2's set_force_sum_reduction_for_comms (2.8)
+        else f"needs torch >= 2.8 (this is {torch.__version__})" if _torch_version() < (2, 8)
         else None
     )  # fmt: skip
     if problem is not None:
@@ -72,6 +74,11 @@ def setup(
     if world_size > size:
         replicas, _ = dist.new_subgroups_by_enumeration([list(r) for r in zip(*groups)], timeout=timeout)
     return ExpertParallel(ExpertShard.of(ep_group), replicas, world_size)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def shard_experts(model: nn.Module, ep: ExpertParallel) -> None:
