@@ -235,7 +235,8 @@ class MoE(nn.Module):
         """`_run_experts` with the experts shared out. order_A holds every assignment: capacity is applied
         where the experts are, and a dropped assignment comes back as a row of zeros."""
         ep, E, K = self.ep, self.config.n_routed_experts, topk_ids_TK.shape[1]
-        e, mine = E // ep.size, slice(ep.rank * E // ep.size, (ep.rank + 1) * E // ep.size)
+        e = E // ep.size
+        mine = slice(ep.rank * e, (ep.rank + 1) * e)  # this process's experts
         ids_A = topk_ids_TK.reshape(-1)
         order_A = ids_A.argsort(stable=True)  # by expert, so by the process that owns it
         counts_E = torch.bincount(ids_A, minlength=E)
