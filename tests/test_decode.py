@@ -36,7 +36,7 @@ def _model(**overrides):
     return model
 
 
-def _decode_both(model, prompts, steps):
+def _decode_both(model, prompts, steps, **decoder_options):
     """Prefill each row's prompt through the model, then decode `steps` tokens through the decoder and
     through model(...) side by side, each with its own cache; -> max logit difference, the two caches."""
     B, lengths = len(prompts), [len(p) for p in prompts]
@@ -44,7 +44,7 @@ def _decode_both(model, prompts, steps):
     prompt = torch.zeros(B, max(lengths), dtype=torch.long)
     for b, p in enumerate(prompts):
         prompt[b, : len(p)] = torch.tensor(p)
-    decoder, worst = Decoder(model, B), 0.0
+    decoder, worst = Decoder(model, B, **decoder_options), 0.0
     pos = torch.tensor(lengths) - 1  # each row's last prompt token runs as the first decode step
     with torch.no_grad():
         for cache in (ours, ref):
@@ -59,14 +59,50 @@ def _decode_both(model, prompts, steps):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_decode_steps_equal_the_model(variant, batch):
+@pytest.mark.parametrize("batch, invariant", [(1, False), (3, False), (2, True)])
+def test_decode_steps_equal_the_model(variant, batch, invariant):
     model = _model(**VARIANTS[variant])
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 9, 2)[:batch]]
-    worst, ours, ref = _decode_both(model, prompts, steps=6)
+    worst, ours, ref = _decode_both(model, prompts, steps=6, batch_invariant=invariant)
     assert worst < ATOL
     for a, b in zip(ours.kv, ref.kv):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+# the seed's shapes at a small vocabulary: one-row oneDNN products differ from several-row ones at K >= 2048
+# (its SwiGLUs' down-projection), MKL's 7-wide router product with a row's place
+SEED_SHAPED = dict(DeepSeekConfig().to_dict(), vocab_size=1024, max_position_embeddings=1024)
+
+
+@pytest.mark.parametrize("config", ["tiny", "seed-shaped", "many experts"])
+def test_batch_invariant_rows_are_bitwise_their_own(config):
+    """A batch-invariant decoder's logits for a row are bitwise the same whatever other rows share the step
+    (2 to 8 rows, any order) and whatever attended length (in slices of `_KV_CHUNK`): what serve's
+    continuous batching relies on for 'a request's output is the same alone or in a full batch'."""
+    from deepseek_lm.model.decode import _KV_CHUNK
+
+    overrides = {"tiny": dict(max_position_embeddings=1024), "seed-shaped": SEED_SHAPED}.get(config)
+    model = _model(
+        **(overrides or dict(VARIANTS["many experts (sparse at batch 1)"], max_position_embeddings=1024))
+    )
+    rows, length = 8, model.config.max_position_embeddings
+    cache = model.new_cache(rows, length)
+    for kv in cache.kv:
+        kv.normal_()
+    decoder = Decoder(model, rows, batch_invariant=True)
+    ids, pos = torch.randint(0, 512, (rows, 1)), torch.randint(0, _KV_CHUNK - 1, (rows, 1))
+
+    def step(which, attended):
+        kvs = [kv[which].clone()[:, :attended] for kv in cache.kv]
+        return decoder.step(ids[which], pos[which], kvs)
+
+    everyone = step(torch.arange(rows), length)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        which = torch.randperm(rows, generator=g)[: 2 + trial % (rows - 1)]
+        attended = _KV_CHUNK * (1 + trial % (length // _KV_CHUNK))
+        assert torch.equal(step(which, attended), everyone[which]), (len(which), attended)
+    assert not torch.equal(everyone[0], everyone[1])  # rows with their own inputs differ
 
 
 def test_dense_experts_only_where_tokens_pick_most_experts():

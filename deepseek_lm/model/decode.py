@@ -20,7 +20,10 @@ call, layouts that do the same math in fewer and larger products:
   so the same experts win; the outputs equal the model's up to the order of fp32 additions.
 - The LM head as a (D, V) copy: a (B, D) @ (D, V) product streams the weight row by row, ~3× faster on a
   CPU at batch 1 than F.linear's (V, D) layout. From 3 rows up on a CPU, oneDNN's product over the weight
-  in its own blocked layout instead (`_packed_head`): MKL is slow for a few rows times a wide matrix.
+  in its own blocked layout instead (`_pack`), and the same for the SwiGLUs' products outside compiled
+  graphs: MKL is slow for a few rows times a wide matrix.
+- Batch-invariant (`batch_invariant=True`, what serve's continuous batching builds): a row's logits do not
+  depend on the other rows of the step nor on the attended length, bitwise (see `Decoder`).
 
 The step itself, `decode_step`, is a function of tensors and the config with static shapes, so
 `Decoder(..., compile=True)` runs it through `torch.compile` up to the head (`decode_hidden`; one graph per
@@ -56,6 +59,7 @@ from deepseek_lm.model.transformer import DeepSeekLM
 class _Attention:
     """One layer's MLA, absorbed; the input norm, the q norm and the softmax scale folded in."""
 
+    # products as (K, M) for x @ w, or as (M, K) packed by oneDNN in a batch-invariant decoder (`_mm`)
     # (D, ql + r + 2·dr): [c_q | c_kv | k_pe | swap(k_pe)]; without q lora (D, H·(r + 2·dr) + r + 2·dr), q first
     w_in: torch.Tensor
     w_q: torch.Tensor | None  # (ql, H·(r + 2·dr)): per head [q_lat | q_pe], then per head swap(q_pe)
@@ -69,10 +73,11 @@ class _FFN:
     experts plus (when dense) every routed expert — and otherwise the routed experts gathered per token."""
 
     norm: torch.Tensor | None  # the post-attention norm's weight; None when folded into w_in and router
-    w_in: torch.Tensor | None  # (D, 2·n·I): the n SwiGLUs' gates, then their ups
-    w_down: torch.Tensor | None  # (D, n·I): F.linear's layout, which a CPU reads faster for this wide input
+    # (D, 2·n·I): the n SwiGLUs' gates, then their ups; or (2·n·I, D) packed by oneDNN (`_mm`)
+    w_in: torch.Tensor | None
+    w_down: torch.Tensor | None  # (D, n·I): F.linear's layout, which a CPU reads faster; or packed
     always_on: int  # leading columns of the activation with weight 1 (the dense FFN or the shared experts)
-    router: torch.Tensor | None  # (D, E) fp32; None for a dense FFN
+    router: torch.Tensor | None  # (D, E) fp32, or packed; None for a dense FFN
     bias: torch.Tensor | None  # (E,) the selection bias
     experts_gu: torch.Tensor | None  # (E, 2I, D) the model's own, gathered per token; None when dense
     experts_down: torch.Tensor | None  # (E, D, I)
@@ -88,6 +93,8 @@ class DecoderWeights:
     norm: torch.Tensor  # (D,) final norm weight
     head_DV: torch.Tensor | None  # (D, V); None when head_packed stands in for it
     head_packed: torch.Tensor | None  # (V, D) in oneDNN's blocked layout for B rows (CPU, B ≥ 3)
+    route_rows: int = 1  # routing runs on a multiple of this many rows (`_route`)
+    kv_chunk: int = 0  # attention's values summed over slices of this many positions (`_values`); 0: one
 
 
 def _pair_swap(n: int) -> torch.Tensor:
@@ -95,7 +102,7 @@ def _pair_swap(n: int) -> torch.Tensor:
     return torch.arange(n).view(-1, 2).flip(-1).flatten()
 
 
-def _attention_weights(attn: MLA, norm_w: torch.Tensor) -> _Attention:
+def _attention_weights(attn: MLA, norm_w: torch.Tensor, pack_rows: int | None) -> _Attention:
     H, dn, dr, dv, r = attn.n_heads, attn.dn, attn.dr, attn.dv, attn.kv_lora_rank
     w_ukv = attn.kv_b_proj.weight.view(H, dn + dv, r)
     w_q = (attn.q_proj if attn.q_lora_rank == 0 else attn.q_b_proj).weight.view(H, dn + dr, -1)
@@ -109,18 +116,28 @@ def _attention_weights(attn: MLA, norm_w: torch.Tensor) -> _Attention:
         w_in, w_q_out = torch.cat((w_q_all, w_kv)), None
     else:
         w_in = torch.cat((attn.q_a_proj.weight, w_kv))
-        w_q_out = (w_q_all * attn.q_a_layernorm.weight).t().contiguous()
+        w_q_out = _held((w_q_all * attn.q_a_layernorm.weight).t(), pack_rows)
     w_o = attn.o_proj.weight.view(-1, H, dv)  # (D, H, dv)
     return _Attention(
-        w_in=(w_in * norm_w).t().contiguous(),
+        w_in=_held((w_in * norm_w).t(), pack_rows),
         w_q=w_q_out,
         kv_norm=attn.kv_a_layernorm.weight.clone(),
-        w_out=torch.einsum("Dhv,hvr->hrD", w_o, w_ukv[:, dn:]).reshape(H * r, -1).contiguous(),
+        w_out=_held(torch.einsum("Dhv,hvr->hrD", w_o, w_ukv[:, dn:]).reshape(H * r, -1), pack_rows),
     )
 
 
-def _ffn_weights(mlp: torch.nn.Module, norm_w: torch.Tensor, dense: bool) -> _FFN:
-    """dense: the routed experts join the always-on SwiGLUs (a dense FFN layer is always 'dense')."""
+def _held(weight_KM: torch.Tensor, pack_rows: int | None) -> torch.Tensor:
+    """A product's (K, M) weight as `_mm` takes it: packed by oneDNN for `pack_rows` rows where `_pack`
+    can, else contiguous."""
+    packed = _pack(weight_KM.t(), pack_rows)
+    return packed if packed is not None else weight_KM.contiguous()
+
+
+def _ffn_weights(
+    mlp: torch.nn.Module, norm_w: torch.Tensor, dense: bool, pack_rows: int | None, pack_router: bool
+) -> _FFN:
+    """dense: the routed experts join the always-on SwiGLUs (a dense FFN layer is always 'dense').
+    pack_rows: the SwiGLUs' products packed by oneDNN for that many rows (and the router's, `pack_router`)."""
     if not isinstance(mlp, MoE):  # the dense FFN of the first layers
         gates, ups, downs = [mlp.gate_proj.weight], [mlp.up_proj.weight], [mlp.down_proj.weight]
     elif mlp.shared_experts is not None:
@@ -142,12 +159,15 @@ def _ffn_weights(mlp: torch.nn.Module, norm_w: torch.Tensor, dense: bool) -> _FF
             experts_gu, experts_down = mlp.experts.gate_up_proj, mlp.experts.down_proj
     fold = dense or not isinstance(mlp, MoE)  # the norm folds only where every product is a copy
     scale = norm_w if fold else torch.ones_like(norm_w)
+    w_down = torch.cat(downs, dim=1) if downs else None  # (D, n·I)
     return _FFN(
         norm=None if fold else norm_w,
-        w_in=(torch.cat(gates + ups) * scale).t().contiguous() if gates else None,
-        w_down=torch.cat(downs, dim=1) if downs else None,
+        w_in=_held((torch.cat(gates + ups) * scale).t(), pack_rows) if gates else None,
+        w_down=_first_not_none(_pack(w_down, pack_rows), w_down),
         always_on=always_on,
-        router=(router * scale.float()).t().contiguous() if router is not None else None,
+        router=_held((router * scale.float()).t(), pack_rows if pack_router else None)
+        if router is not None
+        else None,
         bias=bias,
         experts_gu=experts_gu,
         experts_down=experts_down,
@@ -180,8 +200,8 @@ def decode_hidden(
     rows_B1 = torch.arange(B, device=ids_BT.device)[:, None]
     for attn, ffn, kv in zip(w.attn, w.ffn, kvs):
         h = _rms_norm(x, None, cfg.rms_norm_eps)  # its weight is in attn.w_in
-        x = x + _attention(attn, cfg, h, cos, sin, kv, rows_B1, pos_BT, hide)
-        x = x + _ffn(ffn, cfg, x)
+        x = x + _attention(attn, cfg, h, cos, sin, kv, rows_B1, pos_BT, hide, w.kv_chunk)
+        x = x + _ffn(ffn, cfg, x, w.route_rows)
     return _rms_norm(x.view(B, T, -1)[:, -1], w.norm, cfg.rms_norm_eps)
 
 
@@ -196,16 +216,18 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch
     return x if weight is None else x.mul_(weight)
 
 
-def _attention(a: _Attention, cfg: DeepSeekConfig, h, cos, sin, kv, rows_B1, pos_BT, hide) -> torch.Tensor:
+def _attention(
+    a: _Attention, cfg: DeepSeekConfig, h, cos, sin, kv, rows_B1, pos_BT, hide, kv_chunk: int
+) -> torch.Tensor:
     """h (N, D) normed, N = B·T -> (N, D); writes the tokens' [c_kv | k_pe] into kv at pos_BT (B, T)."""
     (B, T), N = pos_BT.shape, h.shape[0]
     H, r, dr, ql = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.q_lora_rank
-    y = h @ a.w_in
+    y = _mm(h, a.w_in)
     if a.w_q is None:
         q, lat = y.split([H * (r + 2 * dr), r + 2 * dr], dim=-1)
     else:
         c_q, lat = y.split([ql, r + 2 * dr], dim=-1)
-        q = _rms_norm(c_q, None, cfg.rms_norm_eps) @ a.w_q
+        q = _mm(_rms_norm(c_q, None, cfg.rms_norm_eps), a.w_q)
     q, q_swap = q.split([H * (r + dr), H * dr], dim=-1)
     q = q.view(N, H, r + dr)  # scaled
     q[..., r:].mul_(cos).addcmul_(q_swap.view(N, H, dr), sin)  # RoPE: x·cos + swap(x)·sin
@@ -220,24 +242,38 @@ def _attention(a: _Attention, cfg: DeepSeekConfig, h, cos, sin, kv, rows_B1, pos
     scores = torch.bmm(q.reshape(B, T * H, -1), kv.transpose(1, 2))  # (B, T·H, L)
     if hide is not None:
         scores = scores.view(B, T, H, -1).masked_fill_(hide, float("-inf")).flatten(1, 2)
-    o_lat = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(kv.dtype), kv[..., :r])  # (B, T·H, r)
-    return o_lat.view(N, H * r) @ a.w_out
+    o_lat = _values(scores.softmax(-1, dtype=torch.float32).to(kv.dtype), kv[..., :r], kv_chunk)
+    return _mm(o_lat.view(N, H * r), a.w_out)
 
 
-def _ffn(f: _FFN, cfg: DeepSeekConfig, x: torch.Tensor) -> torch.Tensor:
+def _values(p: torch.Tensor, c_kv: torch.Tensor, chunk: int) -> torch.Tensor:
+    """p (B, T·H, L) @ c_kv (B, L, r) -> (B, T·H, r). With a chunk, the sum over L runs as products over
+    `chunk` positions added in order: a product's rounding depends on its length, so a batch-invariant
+    decoder, whose attended L follows the longest row, keeps a row's result its own (the positions past a
+    row's end weigh exactly 0)."""
+    L = c_kv.shape[1]
+    if not chunk or chunk >= L:
+        return torch.bmm(p, c_kv)
+    out = torch.bmm(p[..., :chunk], c_kv[:, :chunk])
+    for start in range(chunk, L, chunk):
+        out += torch.bmm(p[..., start : start + chunk], c_kv[:, start : start + chunk])
+    return out
+
+
+def _ffn(f: _FFN, cfg: DeepSeekConfig, x: torch.Tensor, route_rows: int) -> torch.Tensor:
     """x (N, D), the residual stream (normed here) -> (N, D)."""
     N, D = x.shape
     h_ND = _rms_norm(x, f.norm, cfg.rms_norm_eps)
     if f.router is not None:
-        ids_NK, w_NK, _ = route(h_ND.float() @ f.router, f.bias, cfg, with_probs=False)
+        ids_NK, w_NK = _route(_mm(h_ND.float(), f.router), f.bias, cfg, route_rows)
     out = None
     if f.w_in is not None:
-        gate, up = (h_ND @ f.w_in).chunk(2, dim=-1)
+        gate, up = _mm(h_ND, f.w_in).chunk(2, dim=-1)
         act = F.silu(gate) * up  # (N, n·I)
         if f.router is not None and f.experts_gu is None:  # dense: unchosen experts weigh 0
-            w_NE = h_ND.new_zeros(N, f.router.shape[1]).scatter_(1, ids_NK, w_NK.to(h_ND.dtype))
+            w_NE = h_ND.new_zeros(N, cfg.n_routed_experts).scatter_(1, ids_NK, w_NK.to(h_ND.dtype))
             act[:, f.always_on :].unflatten(-1, (w_NE.shape[1], -1)).mul_(w_NE[..., None])
-        out = F.linear(act, f.w_down)
+        out = _mm(act, f.w_down) if f.w_down.is_mkldnn else F.linear(act, f.w_down)
     if f.experts_gu is not None:  # each token's K experts, gathered: (A, 2I, D) and (A, D, I)
         # index_select copies whole matrices (indexing goes element by element), and a row times a
         # transposed matrix streams the weights ~8× faster on a CPU than the matrix times a column
@@ -252,33 +288,57 @@ def _ffn(f: _FFN, cfg: DeepSeekConfig, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _route(logits_NE: torch.Tensor, bias_E: torch.Tensor, cfg: DeepSeekConfig, rows: int):
+    """`route` on the logits padded to a multiple of `rows` rows -> ids (N, K), gate weights (N, K).
+
+    torch's CPU elementwise loops send the last (numel mod twice the vector width) elements of a contiguous
+    tensor through the scalar formula, whose sigmoid rounds differently from the vectorised one: so a
+    token's gate weights can move with the number of rows beside it. Padded to 64 rows, every element takes
+    the vector path (a batch-invariant decoder)."""
+    N = logits_NE.shape[0]
+    if rows > 1:
+        logits_NE = F.pad(logits_NE, (0, 0, 0, -N % rows))
+    ids_NK, w_NK, _ = route(logits_NE, bias_E, cfg, with_probs=False)
+    return ids_NK[:N], w_NK[:N]
+
+
+def _mm(x_NK: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (N, K) times a weight held as (K, M), or as (M, K) packed by oneDNN (`_pack`)."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x_NK, w, None, "none", [], "")
+    return x_NK @ w
+
+
 def _head(w: DecoderWeights, h_BD: torch.Tensor) -> torch.Tensor:
-    if w.head_packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(h_BD, w.head_packed, None, "none", [], "")
-    return h_BD @ w.head_DV
+    return _mm(h_BD, w.head_packed if w.head_packed is not None else w.head_DV)
 
 
-def _packed_head(weight_VD: torch.Tensor, batch_size: int) -> torch.Tensor | None:
-    """The head in oneDNN's blocked layout for `batch_size` rows, or None where that does not pay or exist.
+def _pack(weight_MK: torch.Tensor | None, batch_size: int | None) -> torch.Tensor | None:
+    """A weight in oneDNN's blocked layout for `batch_size` rows, or None where that does not pay or exist.
 
     On a CPU MKL's sgemm is slow for a few rows times a wide weight (the seed's head at 8 rows: 4.7 ms, 22
     GFLOP/s); oneDNN's product over a weight laid out ahead of time takes 2.8 ms, and the eager decode step
-    at batch 3 / 4 / 8 / 32 is 16 / 26 / 23 / 15 % faster. At one row MKL's matrix-vector product is faster
-    (0.9 against 2.4 ms), at two a wash. Applied outside compiled graphs: inductor cannot lower the layout."""
-    if batch_size < 3 or weight_VD.device.type != "cpu" or weight_VD.dtype != torch.float32:
+    at batch 3 / 4 / 8 / 32 is 16 / 26 / 23 / 15 % faster; the SwiGLUs' products through it another 17 / 24
+    / 24 % at batch 3 / 8 / 16 (one thread, A/B in one process, under load). At one row MKL's matrix-vector
+    product was faster (0.9 against 2.4 ms, the layout packed for one row), at two a wash. Applied outside
+    compiled graphs: inductor cannot lower the layout."""
+    if weight_MK is None or batch_size is None or batch_size < 3:
+        return None
+    if weight_MK.device.type != "cpu" or weight_MK.dtype != torch.float32:
         return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight_VD.detach(), batch_size)
+        return torch.ops.mkldnn._reorder_linear_weight(weight_MK.detach().contiguous(), batch_size)
     except (AttributeError, RuntimeError):  # a torch built without oneDNN
         return None
 
 
+_KV_CHUNK = 256  # positions per slice of a batch-invariant decoder's attention (`_values`)
 _COMPILED: dict[str, Callable] = {}
 
 
 def _compiled_hidden(device_type: str) -> Callable:
     """One compiled `decode_hidden` per device type, shared by all decoders (graphs keyed by shapes only).
-    The head stays outside the graph: one product, and from 3 rows on a CPU oneDNN's (`_packed_head`)."""
+    The head stays outside the graph: one product, and from 3 rows on a CPU oneDNN's (`_pack`)."""
     if device_type not in _COMPILED:
         # a CPU step is ~130 tiny kernels: the C++ wrapper calls them without Python in between
         options = {"cpp_wrapper": True} if device_type == "cpu" else None
@@ -293,10 +353,21 @@ class Decoder:
     the decoder will see per step: it decides which MoE layers run dense. `compile`: run the step through
     `torch.compile` (the first step of each new batch size and cache length compiles, ~20 s on a CPU; past
     torch._dynamo's recompile limit, 8 shapes per process by default, new shapes run eager).
+
+    `batch_invariant` (eager, CPU, fp32): a row's logits are bitwise the same whatever other rows share the
+    step, from 2 rows up, and whatever L `step` attends to: every product through oneDNN over weights laid out
+    once (MKL's kernels change with the number of rows, and its one for a 7-wide router with a row's place;
+    oneDNN's differ only at one row with K >= 2048), routing on rows padded to 64 (`_route`), the attention's
+    values summed over fixed slices (`_values`); the MoE path follows `batch_size`, once. About the same
+    speed (the head and the SwiGLUs are faster through oneDNN, the small products ~8 µs slower each).
     """
 
-    def __init__(self, model: DeepSeekLM, batch_size: int, compile: bool = False) -> None:
+    def __init__(
+        self, model: DeepSeekLM, batch_size: int, compile: bool = False, batch_invariant: bool = False
+    ) -> None:
         cfg = model.config
+        if compile and batch_invariant:
+            raise ValueError("a compiled decoder picks its kernels per shape: it cannot be batch-invariant")
         self.compile = compile
         # gathering pays while the B·K chosen experts are fewer than all E: compiled, inductor turns a
         # product of one row per matrix into a generated reduction that reads the chosen experts in place
@@ -304,22 +375,41 @@ class Decoder:
         # first, about a second read, so there only while they are under half
         reads = batch_size * cfg.num_experts_per_tok * (1 if compile else 2)
         dense = reads >= cfg.n_routed_experts
+        # oneDNN's products (`_pack`): the head from 3 rows; the SwiGLUs too outside compiled graphs, which
+        # cannot hold them; every product when batch-invariant
+        rows = max(batch_size, 3) if batch_invariant else batch_size
+        ffn_rows, attn_rows = (None if compile else rows), (rows if batch_invariant else None)
         with torch.no_grad():
-            head_packed = _packed_head(model.lm_head.weight, batch_size)
+            head_packed = _pack(model.lm_head.weight, rows)
             self.weights = DecoderWeights(
                 config=cfg,
                 embed=model.embed_tokens.weight,
                 rope=model.rope.to(model.embed_tokens.weight.dtype),
-                attn=[_attention_weights(b.self_attn, b.input_layernorm.weight) for b in model.layers],
-                ffn=[_ffn_weights(b.mlp, b.post_attention_layernorm.weight, dense) for b in model.layers],
+                attn=[
+                    _attention_weights(b.self_attn, b.input_layernorm.weight, attn_rows) for b in model.layers
+                ],
+                ffn=[
+                    _ffn_weights(b.mlp, b.post_attention_layernorm.weight, dense, ffn_rows, batch_invariant)
+                    for b in model.layers
+                ],
                 norm=model.norm.weight.clone(),
                 head_DV=None if head_packed is not None else model.lm_head.weight.t().contiguous(),
                 head_packed=head_packed,
+                route_rows=64 if batch_invariant else 1,
+                kv_chunk=_KV_CHUNK if batch_invariant else 0,
             )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., D) -> logits (..., V)."""
         return _head(self.weights, hidden)
+
+    @torch.no_grad()
+    def step(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor]) -> torch.Tensor:
+        """Logits (B, V) after ids (B, T) at positions pos_BT (B, T), attending under the causal mask to all
+        of `kvs` (per layer (B, L, r + dr), the tokens' latents written into it): the caller picks the
+        rows and L, e.g. cache slots and a length that does not change a row's numbers (serve's batching)."""
+        hidden = _compiled_hidden(ids_BT.device.type) if self.compile else decode_hidden
+        return _head(self.weights, hidden(self.weights, ids_BT, pos_BT, kvs, True))
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, cache: LatentCache, start_pos: int | torch.Tensor) -> torch.Tensor:
@@ -335,3 +425,7 @@ class Decoder:
             )
         kvs = [kv[:, :end] for kv in cache.kv]
         return decode_step(self.weights, ids, pos_BT, kvs, masked=T > 1 or start is None)
+
+
+def _first_not_none(*values):
+    return next((v for v in values if v is not None), None)
