@@ -1,0 +1,394 @@
+"""Continuous batching: one decode loop that owns the model, over fixed cache slots that requests join and
+leave at step boundaries (what `deepseek-lm serve` runs; SPEC §10).
+
+    engine = BatchEngine(model, tokenizer, max_batch_size=8)
+    engine.start()
+    request = engine.submit(engine.encode("Once upon"), Params(max_tokens=32, seed=0))
+    for event in request.events():
+        print(event.text, end="")
+    engine.close()
+
+Each iteration of the loop (a thread):
+1. drops cancelled requests (a client that left) and admits waiting ones while slots are free;
+2. prefills at most one chunk budget of prompt tokens (`prefill_chunk`), one request at a time, into a
+   one-row staging cache; a prompt is cut into chunks at fixed offsets from its start, so its numbers
+   never depend on what else is queued. A finished prompt samples its first token and its cache row is
+   copied into the next free slot;
+3. runs one decode step over the occupied slots, which sit at the front of the cache (a leaving row's slot
+   is filled with the last row's), and samples every row's next token with that request's own settings
+   and `torch.Generator`.
+Running streams therefore wait at most one prefill chunk (~40 ms of a 2-core CPU at 256 tokens, seed
+preset) per new prompt.
+
+A request's output is its own: the decoder is built once, batch-invariant (model/decode.py: a row's logits
+are bitwise the same whatever rows share the step, from 2 rows up, and whatever attended length), the
+step runs at least 2 rows (a padding row in a free slot) and attends to a length rounded up to
+`Decoder`'s attention slice, and sampling reads only the row's logits and generator. So greedy output, and
+sampled output with a `seed`, is the same alone or in a full batch (tests/test_batching.py). The one
+exception is `compile=True`: compiled kernels are picked per batch shape (rows rounded up to a power of 2,
+the whole context attended), and rows may round differently there.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deepseek_lm.data.tokenizer import special_token_ids
+from deepseek_lm.errors import UserError
+from deepseek_lm.generate.sampling import SamplingConfig, argmax, make_generator, sample
+from deepseek_lm.generate.streaming import TextStream
+from deepseek_lm.model.decode import _KV_CHUNK, Decoder
+
+_MIN_ROWS = 2  # oneDNN's one-row product rounds differently (model/decode.py): a step runs at least 2 rows
+
+
+class QueueFullError(Exception):
+    """Every slot is busy and `max_queue` requests already wait."""
+
+
+@dataclass
+class Params:
+    """One request's generation settings."""
+
+    max_tokens: int = 16
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int | None = None  # None: a generator seeded from OS entropy
+    stop: Sequence[str] = ()  # stop strings: the text ends before the first one
+    stop_token_ids: Sequence[int] = ()  # tokens that end the request as end-of-text does (a chat turn's end)
+    output_logits: bool = False  # each event carries the logits its token was drawn from
+
+
+@dataclass
+class Event:
+    """What a request produces: one per generated token (text may be '' while a character or a possible
+    stop string is held back), the last one with `finish_reason`."""
+
+    text: str
+    token_ids: list[int]
+    time: float  # time.monotonic() when produced
+    # set on the last event: "eos" (end-of-text or a stop token) | "stop" (a stop string) | "length" (max_tokens) | "context" (the end
+    # of the context) | "cancelled" | "error" (then `error` says why)
+    finish_reason: str | None = None
+    error: str | None = None
+    logits: torch.Tensor | None = None  # (V,) fp32, with Params.output_logits
+
+
+class Request:
+    """A submitted prompt. `events()` yields its `Event`s (unless a `sink` took them); `cancel()` frees its
+    slot at the next step."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list[int], params: Params, sink: Callable[[Event], None] | None) -> None:
+        self.id = next(Request._ids)
+        self.prompt_ids, self.params = prompt_ids, params
+        self.created = time.monotonic()
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._queue: queue.SimpleQueue[Event] | None = None if sink else queue.SimpleQueue()
+        self._sink = sink or self._queue.put
+        self._cancelled = False
+        # the loop's state: tokens prefilled, the next token to feed and its position
+        self._prefilled = 0
+        self._next_id = 0
+        self._pos = 0
+        self._generator: torch.Generator | None = None
+        self._stream: TextStream | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        if self._queue is None:
+            raise RuntimeError("this request's events go to its sink")
+        while True:
+            event = self._queue.get(timeout=timeout)
+            yield event
+            if event.finish_reason is not None:
+                return
+
+
+class BatchEngine:
+    """Requests decoded together over `max_batch_size` cache slots of `context_length` positions."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = 256,
+        context_length: int | None = None,
+        compile: bool = False,
+    ) -> None:
+        cfg = model.config
+        if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise UserError(
+                f"need max_batch_size >= 1, max_queue >= 0 and prefill_chunk >= 1 "
+                f"(got {max_batch_size}, {max_queue}, {prefill_chunk})"
+            )
+        self.model, self.tokenizer, self.compile = model.eval(), tokenizer, compile
+        self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
+        self.context_length = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        special = special_token_ids(tokenizer) if tokenizer is not None else {}
+        self.eos_token_id = next((i for i in (cfg.eos_token_id, special.get("eot")) if i is not None), None)
+        self.pad_token_id = next(
+            (i for i in (cfg.pad_token_id, special.get("pad"), self.eos_token_id) if i is not None), 0
+        )
+        device = next(model.parameters()).device
+        n_rows = max(max_batch_size, _MIN_ROWS)
+        # built once: the weights rearranged for decoding (~25 ms on the seed preset) serve every request
+        self.decoder = Decoder(model, n_rows, compile=compile, batch_invariant=not compile)
+        self.cache = model.new_cache(n_rows, self.context_length, device=device)
+        self._staging = model.new_cache(1, self.context_length, device=device)
+        self._device = device
+        self._rows: list[Request] = []  # decoding, in cache slots 0..n-1
+        self._prefilling: collections.deque[Request] = collections.deque()  # admitted: a slot is theirs
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._lock = threading.Condition()
+        self._closing: str | None = None
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run
+
+    # the caller's side (any thread) -------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt ids as `Engine.encode` makes them (an empty prompt: the end-of-text token alone)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids or ([self.eos_token_id] if self.eos_token_id is not None else [])
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise a `UserError` naming the numbers when a request cannot run."""
+        if prompt_tokens < 1:
+            raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+        if max_tokens < 1:
+            raise UserError(f"max_tokens must be at least 1, got {max_tokens}")
+        if prompt_tokens + max_tokens > self.context_length:
+            raise UserError(
+                f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: together "
+                f"{prompt_tokens + max_tokens}, more than the {self.context_length}-token context; "
+                "shorten the prompt or lower max_tokens"
+            )
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: Params, sink: Callable[[Event], None] | None = None
+    ) -> Request:
+        """Queue a prompt. `sink(event)` is called from the loop's thread; without one, read
+        `request.events()`. Raises `UserError` (see `check`) or `QueueFullError`."""
+        self.check(len(prompt_ids), params.max_tokens)
+        request = Request(list(prompt_ids), params, sink)
+        with self._lock:
+            if self._closing:
+                raise QueueFullError(f"the engine is stopping ({self._closing})")
+            if len(self._waiting) - max(self._free_slots(), 0) >= self.max_queue:
+                raise QueueFullError(
+                    f"all {self.max_batch_size} slots are busy and {self.max_queue} requests wait"
+                )
+            self._waiting.append(request)
+            self._lock.notify()
+        return request
+
+    def stats(self) -> dict[str, int]:
+        """Requests waiting for a slot, being prefilled, and decoding (a snapshot)."""
+        with self._lock:
+            return dict(waiting=len(self._waiting), prefilling=len(self._prefilling), running=len(self._rows))
+
+    def start(self) -> BatchEngine:
+        self._thread = threading.Thread(target=self._loop, name="deepseek-lm-batching", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, reason: str = "the server is shutting down", timeout: float | None = 30) -> None:
+        """Stop the loop after its current step; every unfinished request ends with an "error" event."""
+        with self._lock:
+            self._closing = reason
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _free_slots(self) -> int:
+        return self.max_batch_size - len(self._rows) - len(self._prefilling)
+
+    # the loop (its own thread) ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not (self._closing or self._waiting or self._prefilling or self._rows):
+                        self._lock.wait()
+                    if self._closing:
+                        break
+                    while self._waiting and self._free_slots() > 0:
+                        self._prefilling.append(self._waiting.popleft())
+                try:
+                    self._iteration()
+                except Exception as e:  # a bug, not the user's input: fail what is running, keep serving
+                    traceback.print_exc(file=sys.stderr)
+                    self._fail_all(f"internal error: {type(e).__name__}: {e}", waiting=False)
+        self._fail_all(self._closing, waiting=True)
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        budget = self.prefill_chunk  # prompt tokens this iteration: whole chunks, at least one
+        while self._prefilling:
+            request = self._prefilling[0]
+            start = request._prefilled
+            # chunks at fixed offsets from the prompt's start: its numbers never depend on the queue
+            end = min((start // self.prefill_chunk + 1) * self.prefill_chunk, request.prompt_tokens)
+            if end - start > budget:
+                break
+            budget -= end - start
+            self._prefill(request, start, end)
+        if self._rows:
+            self._decode_step()
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in itertools.chain(self._waiting, self._prefilling) if r._cancelled]
+            for request in gone:
+                (self._waiting if request in self._waiting else self._prefilling).remove(request)
+        for request in gone:
+            self._finish(request, "cancelled")
+        for request in [r for r in self._rows if r._cancelled]:
+            self._release(request)
+            self._finish(request, "cancelled")
+
+    def _prefill(self, request: Request, start: int, end: int) -> None:
+        ids = torch.tensor([request.prompt_ids[start:end]], device=self._device)  # (1, T)
+        out = self.model(ids, cache=self._staging, start_pos=start, last_logits_only=True, return_hidden=True)
+        request._prefilled = end
+        if end == request.prompt_tokens:
+            with self._lock:
+                self._prefilling.popleft()
+            self._start_decoding(request, self.decoder.logits(out.hidden[:, -1]))
+
+    def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
+        """The prompt is in the staging cache and `logits` (1, V) follow it: sample the first token, and
+        unless that ends the request, move its cache into the next slot."""
+        p = request.params
+        request._generator = make_generator(p.seed, self._device)
+        request._stream = TextStream(self.tokenizer, list(p.stop), request.prompt_ids)
+        request._pos = request.prompt_tokens
+        event = self._advance(request, int(self._sample(logits, [request])[0]), logits[0])
+        if event.finish_reason is None:
+            slot, n = len(self._rows), request.prompt_tokens
+            for kv, staged in zip(self.cache.kv, self._staging.kv):
+                kv[slot, :n] = staged[0, :n]
+            with self._lock:
+                self._rows.append(request)
+        request._sink(event)
+
+    def _decode_step(self) -> None:
+        n = len(self._rows)
+        rows = self._step_rows(n)
+        ids = torch.full((rows, 1), self.pad_token_id, dtype=torch.long)  # (B, 1); padding rows: free slots
+        pos = torch.zeros(rows, 1, dtype=torch.long)
+        ids[:n, 0] = torch.tensor([r._next_id for r in self._rows])
+        pos[:n, 0] = torch.tensor([r._pos for r in self._rows])
+        length = self._attended(int(pos.max()) + 1)
+        kvs = [kv[:rows, :length] for kv in self.cache.kv]
+        logits = self.decoder.step(ids.to(self._device), pos.to(self._device), kvs)[:n]  # (n, V)
+        self.steps += 1
+        tokens = self._sample(logits, self._rows).tolist()
+        for request, token, row in zip(list(self._rows), tokens, logits):
+            request._pos += 1
+            event = self._advance(request, token, row)
+            if event.finish_reason is not None:
+                self._release(request)  # first: whoever reads the last event finds the slot free
+            request._sink(event)
+
+    def _step_rows(self, n: int) -> int:
+        if not self.compile:
+            return max(n, _MIN_ROWS)
+        bucket = _MIN_ROWS  # compiled: one graph per bucket
+        while bucket < n:
+            bucket *= 2
+        return min(bucket, self.cache.batch_size)
+
+    def _attended(self, end: int) -> int:
+        """Cache positions a step attends to: up to the furthest row, rounded up to the decoder's attention
+        slice (a row's numbers do not change with it); compiled, the whole context (one graph)."""
+        if self.compile:
+            return self.context_length
+        return min(-(-end // _KV_CHUNK) * _KV_CHUNK, self.context_length)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """(n, V) -> (n,) each row with its request's settings and generator; greedy rows in one argmax."""
+        logits = logits.float()
+        greedy = [i for i, r in enumerate(requests) if r.params.sampling.greedy]
+        tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        if greedy:
+            tokens[greedy] = argmax(logits[greedy])
+        for i, r in enumerate(requests):
+            if not r.params.sampling.greedy:
+                tokens[i] = sample(logits[i : i + 1], r.params.sampling, r._generator)[0]
+        return tokens.cpu()
+
+    def _advance(self, request: Request, token: int, logits: torch.Tensor) -> Event:
+        """One generated token of the request -> its event (with a finish reason when it ends the request)."""
+        request.completion_tokens += 1
+        request._next_id = token
+        reason = None
+        if token == self.eos_token_id or token in request.params.stop_token_ids:
+            reason, piece = "eos", ""
+        else:
+            piece = request._stream.push(token)
+            if request._stream.stopped:
+                reason = "stop"
+            elif request.completion_tokens >= request.params.max_tokens:
+                reason = "length"
+            elif request._pos >= self.context_length:
+                reason = "context"
+        kept = logits.float().cpu().clone() if request.params.output_logits else None
+        if reason is None:
+            return Event(piece, [token], time.monotonic(), logits=kept)
+        request.finish_reason = reason
+        return Event(piece + request._stream.finish(), [token], time.monotonic(), reason, logits=kept)
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        if request.done:
+            return
+        request.finish_reason = reason
+        request._sink(Event("", [], time.monotonic(), reason, error))
+
+    def _release(self, request: Request) -> None:
+        """Free a finished row's slot: the last row moves into it, so that occupied slots stay in front."""
+        i, last = self._rows.index(request), len(self._rows) - 1
+        if i != last:
+            end = self._rows[last]._pos + 1
+            for kv in self.cache.kv:
+                kv[i, :end] = kv[last, :end]
+        with self._lock:
+            self._rows[i] = self._rows[last]
+            self._rows.pop()
+
+    def _fail_all(self, why: str, waiting: bool) -> None:
+        with self._lock:
+            doomed = [*self._rows, *self._prefilling, *(self._waiting if waiting else ())]
+            self._rows.clear()
+            self._prefilling.clear()
+            if waiting:
+                self._waiting.clear()
+        for request in doomed:
+            self._finish(request, "error", why)

@@ -1,0 +1,162 @@
+"""The continuous-batching engine: a request's output is its own whatever shares the batch, slots are freed
+by finishing or cancelling, the queue is bounded, closing ends every request."""
+
+import threading
+
+import pytest
+import torch
+from _trained_tiny import trained_tiny_run
+
+from deepseek_lm.checkpoint import load_checkpoint
+from deepseek_lm.errors import UserError
+from deepseek_lm.generate import Engine, SamplingConfig
+from deepseek_lm.generate.batching import BatchEngine, Params, QueueFullError
+
+GREEDY = SamplingConfig(temperature=0)
+PROMPTS = [
+    "The",
+    "A function that returns the value of the attribute",
+    "x = 1\n",
+    "Return a list of all the names in the module, sorted by their position in the file and",
+    "import",
+    "class",
+    "def get(self, key, default=None):",
+    "The quick brown fox",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return load_checkpoint(trained_tiny_run(tmp_path_factory.getbasetemp() / "tiny_run"))
+
+
+@pytest.fixture
+def make_engine(checkpoint):
+    engines = []
+
+    def make(**kwargs):
+        # small prefill chunks: the longer prompts are prefilled in several chunks, between decode steps
+        kwargs = {"max_batch_size": 4, "prefill_chunk": 8, **kwargs}
+        engines.append(BatchEngine(checkpoint.model, checkpoint.tokenizer, **kwargs).start())
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def _run(engine, prompts, params):
+    requests = [engine.submit(engine.encode(p), params) for p in prompts]
+    return [_collect(r) for r in requests]
+
+
+def _collect(request):
+    events = list(request.events(timeout=60))
+    tokens, text = [t for e in events for t in e.token_ids], "".join(e.text for e in events)
+    if request.params.output_logits:  # each token's logits, bitwise
+        return tokens, text, request.finish_reason, torch.stack([e.logits for e in events]).numpy().tobytes()
+    return tokens, text, request.finish_reason
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        Params(max_tokens=24, sampling=GREEDY, output_logits=True),
+        Params(max_tokens=24, sampling=SamplingConfig(1.0, None), seed=7, output_logits=True),
+    ],
+    ids=["greedy", "sampled with a seed"],
+)
+def test_a_request_gets_the_same_output_alone_as_in_a_full_batch(make_engine, params, monkeypatch):
+    """8 requests through 4 slots: rows join while others decode (chunked prefills in between), leave when
+    done, move to other slots, and steps run at 2 to 4 rows. Tokens, text and every logit the same."""
+    engine = make_engine()
+    engine.eos_token_id = None  # every request runs its 24 tokens
+    rows_seen = []
+    step = engine.decoder.step
+    monkeypatch.setattr(engine.decoder, "step", lambda ids, *a: rows_seen.append(len(ids)) or step(ids, *a))
+    alone = [_run(engine, [p], params)[0] for p in PROMPTS]
+    assert set(rows_seen) == {2}  # one request runs beside a padding row
+    rows_seen.clear()
+    together = _run(engine, PROMPTS, params)
+    assert together == alone
+    assert {2, 3, 4} <= set(rows_seen)
+    assert len({text for _, text, _, _ in alone}) == len(PROMPTS)
+
+
+def test_greedy_tokens_are_the_engines(checkpoint, make_engine):
+    """The batched decoder computes the model: greedy tokens equal `Engine.generate`'s (the decode tests hold
+    both to the model's logits within 1e-5)."""
+    engine = make_engine()
+    reference = Engine(checkpoint.model, checkpoint.tokenizer)
+    reference.eos_token_id = engine.eos_token_id = None
+    prompts = PROMPTS[:4]
+    expected = reference.generate_ids([engine.encode(p) for p in prompts], 32, sampling=GREEDY)
+    for (tokens, text, reason), want in zip(_run(engine, prompts, Params(32, GREEDY)), expected):
+        assert tokens == want.token_ids and text == want.text and reason == "length"
+
+
+def test_finish_reasons_stop_string_eos_and_context(make_engine):
+    engine = make_engine(context_length=64)
+    eos = engine.eos_token_id
+    engine.eos_token_id = None
+    tokens, text, _ = _run(engine, ["The"], Params(40, GREEDY))[0]
+    stop = text[8:11]
+    cut, cut_text, reason = _run(engine, ["The"], Params(40, GREEDY, stop=[stop]))[0]
+    assert reason == "stop" and cut_text == text[: text.index(stop)] and cut == tokens[: len(cut)]
+    engine.eos_token_id = tokens[5]
+    first = tokens.index(tokens[5])
+    ended, _, reason = _run(engine, ["The"], Params(40, GREEDY))[0]
+    assert reason == "eos" and ended == tokens[: first + 1]
+    engine.eos_token_id = eos
+    prompt = engine.encode("The quick brown fox jumps over the lazy dog. " * 20)[:60]
+    request = engine.submit(prompt, Params(4, GREEDY))
+    assert _collect(request)[2] in ("length", "eos")
+    with pytest.raises(
+        UserError, match=r"60 tokens and max_tokens is 5: together 65, more than the 64-token"
+    ):
+        engine.submit(prompt, Params(5, GREEDY))
+
+
+def test_cancelled_request_frees_its_slot(make_engine):
+    engine = make_engine(max_batch_size=1, max_queue=1)
+    engine.eos_token_id = None
+    long = engine.submit(engine.encode("The"), Params(200, GREEDY))
+    events = long.events(timeout=60)
+    next(events)  # decoding now
+    waiting = engine.submit(engine.encode("A"), Params(3, GREEDY))
+    with pytest.raises(QueueFullError):
+        engine.submit(engine.encode("x"), Params(3, GREEDY))
+    long.cancel()
+    assert _collect(waiting)[2] == "length"  # it got the only slot
+    assert long.finish_reason == "cancelled" and long.completion_tokens < 200
+    assert engine.stats() == dict(waiting=0, prefilling=0, running=0)
+
+
+def test_close_ends_every_request_with_an_error(make_engine):
+    engine = make_engine(max_batch_size=1)
+    engine.eos_token_id = None
+    running = engine.submit(engine.encode("The"), Params(200, GREEDY))
+    queued = engine.submit(engine.encode("A"), Params(200, GREEDY))
+    next(running.events(timeout=60))
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    closer.join(30)
+    for request in (running, queued):
+        last = list(request.events(timeout=10))[-1]
+        assert last.finish_reason == "error" and "shutting down" in last.error
+    with pytest.raises(QueueFullError, match="stopping"):
+        engine.submit(engine.encode("A"), Params(2, GREEDY))
+
+
+def test_the_decoder_is_built_once(checkpoint, monkeypatch):
+    from deepseek_lm.generate import batching
+
+    built = []
+    decoder = batching.Decoder
+    monkeypatch.setattr(batching, "Decoder", lambda *a, **k: built.append(1) or decoder(*a, **k))
+    engine = BatchEngine(checkpoint.model, checkpoint.tokenizer, max_batch_size=2).start()
+    try:
+        _run(engine, PROMPTS[:3], Params(4, GREEDY))
+        assert built == [1]
+    finally:
+        engine.close()
