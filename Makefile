@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test train bench lint format clean
+.PHONY: setup browser test train bench lint format clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+# The playground's test drives Debian's chromium through Playwright's Python API (never a browser download):
+# installed with apt-get when missing (CI runs as root on a fresh Debian machine; elsewhere through sudo).
+CHROMIUM := $(firstword $(wildcard /usr/bin/chromium /usr/bin/chromium-browser))
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+ifeq ($(CHROMIUM),)
+	@if command -v apt-get >/dev/null; then \
+		echo "installing chromium for the browser test (apt-get)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; \
+	else echo "no apt-get: install chromium yourself for the browser test (it is skipped without it, outside CI)"; fi
+endif
+
+test: setup browser
 	$(PY) -m pytest -q
 
 # the built-in demo: prepare the built-in corpus (once), train the seed architecture for ~7 minutes on

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("deepseek_lm.interop.cli:main_import", "import a Hugging Face DeepseekV3/V2 directory"),
     "info": ("deepseek_lm.info:main", "parameter counts and FLOPs per token of a preset or checkpoint"),
     "bench": ("deepseek_lm.bench:main", "training and decoding throughput, optionally against transformers"),
+    "serve": ("deepseek_lm.serve.cli:main", "an OpenAI-compatible HTTP server and a playground page"),
 }
 
 

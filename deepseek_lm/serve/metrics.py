@@ -1,0 +1,40 @@
+"""Prometheus metrics of one server, in its own registry (so that two apps in a process never share one)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# seconds; a CPU serves first tokens in tens of milliseconds to seconds, next tokens in milliseconds
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self, engine_stats: Callable[[], dict[str, int]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "deepseek_lm_requests", "HTTP API requests by endpoint and status code", ["endpoint", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("deepseek_lm_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("deepseek_lm_generation_tokens", "tokens generated", registry=r)
+        self.finished = Counter(
+            "deepseek_lm_request_finish", "generations by finish reason", ["reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "deepseek_lm_time_to_first_token_seconds", "arrival to first generated token",
+            buckets=_TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.token_latency = Histogram(
+            "deepseek_lm_time_per_output_token_seconds", "time between a request's generated tokens",
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        queue = Gauge("deepseek_lm_queue_depth", "requests waiting for a slot", registry=r)
+        queue.set_function(lambda: engine_stats()["waiting"])
+        running = Gauge("deepseek_lm_running_batch_size", "requests decoding in the batch", registry=r)
+        running.set_function(lambda: engine_stats()["running"])
+        prefilling = Gauge("deepseek_lm_prefilling_requests", "requests being prefilled", registry=r)
+        prefilling.set_function(lambda: engine_stats()["prefilling"])
