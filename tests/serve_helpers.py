@@ -8,15 +8,19 @@ import time
 
 import uvicorn
 
+from deepseek_lm.data.chat import ChatFormat
 from deepseek_lm.generate.batching import BatchEngine
 from deepseek_lm.serve.app import create_app
 from deepseek_lm.serve.server import bind
 
 
 class LiveServer:
-    def __init__(self, checkpoint, *, api_key=None, chat_format=None, **engine_options) -> None:
+    def __init__(self, checkpoint, *, api_key=None, **engine_options) -> None:
         self.engine = BatchEngine(checkpoint.model, checkpoint.tokenizer, **engine_options).start()
         self.api_key = api_key
+        self.chat_format = chat_format = ChatFormat.for_tokenizer(
+            checkpoint.tokenizer, checkpoint.chat_template
+        )
         app = create_app(self.engine, model_name="tiny", api_key=api_key, chat_format=chat_format)
         self.sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

@@ -71,6 +71,38 @@ def test_completions_through_the_openai_client(server):
     assert usage.model_dump() == out.usage.model_dump()
 
 
+def test_chat_completions_through_the_openai_client(server):
+    """Messages become the prompt through the checkpoint's chat format (here the plain one: role lines), and
+    an assistant turn ends where the model starts the next role line."""
+    client = server.client()
+    messages = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "What does a function return?"},
+    ]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+    prompt = server.chat_format.render(messages)
+    assert prompt.endswith("User: What does a function return?\nAssistant:")
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == len(server.engine.encode(prompt))
+    # the same as a completion of the rendered prompt that stops at the chat format's stop strings
+    same = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=list(server.chat_format.stop)
+    )
+    assert out.choices[0].message.content == same.choices[0].text
+    assert out.choices[0].finish_reason == same.choices[0].finish_reason
+
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == same.choices[0].text
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\].role must be one of"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "hi"}])
+
+
 def test_seed_n_and_stop(server):
     client = server.client()
     kw = dict(model="tiny", prompt="A function", max_tokens=16, temperature=1.0)

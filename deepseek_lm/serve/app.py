@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import sys
@@ -251,12 +252,11 @@ class _Server:
         """The request's prompts as token ids."""
         if kind == "chat":
             if self.chat_format is None:
-                raise _bad_request("this model has no chat format: use /v1/completions", "messages")
+                raise _bad_request("this server has no chat format: use /v1/completions", "messages")
             try:
-                text = self.chat_format.render_request([m.model_dump() for m in body.messages])
+                return [self.engine.encode(self.chat_format.render([m.model_dump() for m in body.messages]))]
             except UserError as e:
                 raise _bad_request(str(e), "messages") from None
-            return [self.chat_format.encode(text)]
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
             prompt = [prompt]
@@ -283,10 +283,13 @@ class _Server:
         except UserError as e:
             param = "max_tokens" if "max_tokens" in str(e) else None
             raise _bad_request(str(e), param) from None
-        stop = body.stop_strings()
-        if self.chat_format is not None and getattr(body, "messages", None) is not None:
+        stop, stop_ids = body.stop_strings(), ()
+        if getattr(body, "messages", None) is not None:  # what ends an assistant turn in this chat format
             stop += [s for s in self.chat_format.stop if s not in stop]
-        return Params(max_tokens=max_tokens, sampling=sampling, seed=body.seed, stop=stop)
+            stop_ids = self.chat_format.stop_token_ids
+        return Params(
+            max_tokens=max_tokens, sampling=sampling, seed=body.seed, stop=stop, stop_token_ids=stop_ids
+        )
 
     def _submit(self, prompts, params: Params, n: int, loop, events, arrival: float) -> list[_Choice]:
         choices = []
@@ -329,7 +332,7 @@ class _Server:
 
 
 def _with_seed(params: Params, seed: int | None) -> Params:
-    return Params(max_tokens=params.max_tokens, sampling=params.sampling, seed=seed, stop=params.stop)
+    return dataclasses.replace(params, seed=seed)
 
 
 class _Stream:

@@ -60,11 +60,11 @@ def main(argv: list[str]) -> int:
 
     sock = bind(args.host, args.port)  # first: a port in use fails before the (slower) load
     started = time.perf_counter()
-    engine, name = _engine(args)
+    engine, name, chat_format = _engine(args)
     from deepseek_lm.serve.app import create_app
     from deepseek_lm.serve.server import serve
 
-    app = create_app(engine, model_name=name, api_key=api_key, chat_format=_chat_format(engine))
+    app = create_app(engine, model_name=name, api_key=api_key, chat_format=chat_format)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
@@ -85,7 +85,9 @@ def main(argv: list[str]) -> int:
 
 
 def _engine(args):
+    """-> the started engine, the model's name in the API, its chat format."""
     from deepseek_lm.checkpoint import load_checkpoint
+    from deepseek_lm.data.chat import ChatFormat
     from deepseek_lm.generate.batching import BatchEngine
 
     ckpt = load_checkpoint(args.checkpoint, device=args.device)
@@ -104,11 +106,7 @@ def _engine(args):
         compile=args.compile,
     )
     name = args.model_name or Path(args.checkpoint).resolve().name
-    return engine.start(), name
-
-
-def _chat_format(engine):
-    return None
+    return engine.start(), name, ChatFormat.for_tokenizer(ckpt.tokenizer, ckpt.chat_template)
 
 
 def _is_loopback(host: str) -> bool:
