@@ -21,12 +21,11 @@ Running streams therefore wait at most one prefill chunk (~40 ms of a 2-core CPU
 preset) per new prompt.
 
 A request's output is its own: the decoder is built once, batch-invariant (model/decode.py: a row's logits
-are bitwise the same whatever rows share the step, from 2 rows up, and whatever attended length), the
-step runs at least 2 rows (a padding row in a free slot) and attends to a length rounded up to
-`Decoder`'s attention slice, and sampling reads only the row's logits and generator. So greedy output, and
-sampled output with a `seed`, is the same alone or in a full batch (tests/test_batching.py). The one
-exception is `compile=True`: compiled kernels are picked per batch shape (rows rounded up to a power of 2,
-the whole context attended), and rows may round differently there.
+are bitwise the same whatever rows share the step and whatever attended length), a step attends to a
+length rounded up to the decoder's attention slice, and sampling reads only the row's logits and
+generator. So greedy output, and sampled output with a `seed`, is the same alone or in a full batch
+(tests/test_batching.py). The one exception is `compile=True`: compiled kernels are picked per batch shape
+(rows rounded up to a power of 2, the whole context attended), and rows may round differently there.
 """
 
 from __future__ import annotations
@@ -49,8 +48,6 @@ from deepseek_lm.errors import UserError
 from deepseek_lm.generate.sampling import SamplingConfig, argmax, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
 from deepseek_lm.model.decode import _KV_CHUNK, Decoder
-
-_MIN_ROWS = 2  # oneDNN's one-row product rounds differently (model/decode.py): a step runs at least 2 rows
 
 
 class QueueFullError(Exception):
@@ -77,8 +74,8 @@ class Event:
     text: str
     token_ids: list[int]
     time: float  # time.monotonic() when produced
-    # set on the last event: "eos" (end-of-text or a stop token) | "stop" (a stop string) | "length" (max_tokens) | "context" (the end
-    # of the context) | "cancelled" | "error" (then `error` says why)
+    # set on the last event: "eos" (end-of-text or a stop token) | "stop" (a stop string) | "length"
+    # (max_tokens) | "context" (the end of the context) | "cancelled" | "error" (then `error` says why)
     finish_reason: str | None = None
     error: str | None = None
     logits: torch.Tensor | None = None  # (V,) fp32, with Params.output_logits
@@ -156,7 +153,7 @@ class BatchEngine:
             (i for i in (cfg.pad_token_id, special.get("pad"), self.eos_token_id) if i is not None), 0
         )
         device = next(model.parameters()).device
-        n_rows = max(max_batch_size, _MIN_ROWS)
+        n_rows = max_batch_size
         # built once: the weights rearranged for decoding (~25 ms on the seed preset) serve every request
         self.decoder = Decoder(model, n_rows, compile=compile, batch_invariant=not compile)
         self.cache = model.new_cache(n_rows, self.context_length, device=device)
@@ -213,7 +210,15 @@ class BatchEngine:
         with self._lock:
             return dict(waiting=len(self._waiting), prefilling=len(self._prefilling), running=len(self._rows))
 
-    def start(self) -> BatchEngine:
+    def start(self, warm_up: bool = True) -> BatchEngine:
+        """Start the loop's thread; `warm_up` first runs one step at every batch size the loop can use, so
+        that no request pays oneDNN's first call at a new size (~tens of ms each); compiled, nothing."""
+        if warm_up and not self.compile:
+            with torch.inference_mode():
+                for rows in range(1, self.cache.batch_size + 1):  # free slots: garbage is harmless
+                    ids = torch.full((rows, 1), self.pad_token_id, dtype=torch.long, device=self._device)
+                    kvs = [kv[:rows, : self._attended(1)] for kv in self.cache.kv]
+                    self.decoder.step(ids, torch.zeros_like(ids), kvs)
         self._thread = threading.Thread(target=self._loop, name="deepseek-lm-batching", daemon=True)
         self._thread.start()
         return self
@@ -320,8 +325,8 @@ class BatchEngine:
 
     def _step_rows(self, n: int) -> int:
         if not self.compile:
-            return max(n, _MIN_ROWS)
-        bucket = _MIN_ROWS  # compiled: one graph per bucket
+            return n
+        bucket = 1  # compiled: one graph per power of 2
         while bucket < n:
             bucket *= 2
         return min(bucket, self.cache.batch_size)

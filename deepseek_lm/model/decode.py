@@ -303,8 +303,13 @@ def _route(logits_NE: torch.Tensor, bias_E: torch.Tensor, cfg: DeepSeekConfig, r
 
 
 def _mm(x_NK: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (N, K) times a weight held as (K, M), or as (M, K) packed by oneDNN (`_pack`)."""
+    """x (N, K) times a weight held as (K, M), or as (M, K) packed by oneDNN (`_pack`).
+
+    oneDNN's kernel for one row rounds differently from its kernel for several (at K >= 2048): a single row
+    runs as two, so that a row's result is the same alone as beside others (a batch-invariant decoder)."""
     if w.is_mkldnn:
+        if x_NK.shape[0] == 1:
+            return torch.ops.mkldnn._linear_pointwise(x_NK.expand(2, -1), w, None, "none", [], "")[:1]
         return torch.ops.mkldnn._linear_pointwise(x_NK, w, None, "none", [], "")
     return x_NK @ w
 
@@ -355,11 +360,12 @@ class Decoder:
     torch._dynamo's recompile limit, 8 shapes per process by default, new shapes run eager).
 
     `batch_invariant` (eager, CPU, fp32): a row's logits are bitwise the same whatever other rows share the
-    step, from 2 rows up, and whatever L `step` attends to: every product through oneDNN over weights laid out
-    once (MKL's kernels change with the number of rows, and its one for a 7-wide router with a row's place;
-    oneDNN's differ only at one row with K >= 2048), routing on rows padded to 64 (`_route`), the attention's
-    values summed over fixed slices (`_values`); the MoE path follows `batch_size`, once. About the same
-    speed (the head and the SwiGLUs are faster through oneDNN, the small products ~8 µs slower each).
+    step and whatever L `step` attends to: every product through oneDNN over weights laid out once (MKL's
+    kernels change with the number of rows, and its one for a 7-wide router with a row's place; oneDNN's
+    only at one row with K >= 2048, so one row runs as two, `_mm`), routing on rows padded to 64 (`_route`),
+    the attention's values summed over fixed slices (`_values`); the MoE path follows `batch_size`, once.
+    Its cost, seed architecture, one thread, against the plain decoder of each batch size attending to the
+    positions in use: see `benchmarks/README.md` (serve).
     """
 
     def __init__(
