@@ -1,0 +1,260 @@
+"""Load test of `deepseek-lm serve`, optionally against `transformers serve` on the HF export of the same
+checkpoint, in one run (SPEC §8: a benchmark, never a test).
+
+    python benchmarks/serve_load.py --checkpoint runs/demo                       # ours: 1, 4, 16 clients
+    python benchmarks/serve_load.py --checkpoint runs/demo --compare-hf --json benchmarks/results/X.json
+    python benchmarks/serve_load.py --checkpoint runs/demo --compare-hf continuous-batching   # one mode
+
+`--compare-hf` runs `transformers serve` (needs `accelerate`) in its default mode (one request at a time) and
+with `--continuous-batching` (paged attention), each on the same export.
+
+For each number of clients N, N streaming /v1/completions requests (greedy, `--max-tokens` new tokens, each
+its own prompt) start at once; per request the time to first token (TTFT: from sending to the first text)
+and the gaps between its text chunks (inter-token latency, ITL); aggregate tokens/s = all completion tokens
+over the wall time from the first send to the last end. The same N requests are also sent one at a time to
+our server (the batching gain). Servers run as subprocesses on 127.0.0.1, one measured at a time (the other
+idles); rounds alternate the servers and each figure is the median over rounds. The load average is printed
+before and after: figures taken on a busy machine say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+# prompts in the style of the built-in corpus (Python docstrings), 6-40 tokens each
+PROMPTS = [
+    "Return the number of items in a container.",
+    "This module provides access to the mathematical functions defined by the C standard.",
+    "The following functions are provided:",
+    "Open a file and return a stream. Raise OSError upon failure.",
+    "A class that represents a thread of control.",
+    "Convert a string to a floating point number, if possible.",
+    "def get(self, key, default=None):",
+    "Encode the object as an enumerated type.",
+    "This method is called when the iterator is exhausted.",
+    "Create a new dictionary with keys from iterable and values set to value.",
+    "Support for regular expressions (RE). This module provides regular expression matching operations",
+    "Return a new set with elements common to the set and all others.",
+    "The socket module exports the following constants:",
+    "Read and return up to n bytes. If the argument is omitted, None, or negative, reads and",
+    "Wait until the thread terminates.",
+    "Raised when an operation or function is applied to an object of inappropriate type.",
+]
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], url: str, model: str, env: dict, ready: str) -> None:
+        self.name, self.url, self.model = name, url, model
+        fd, self.log = tempfile.mkstemp(prefix=f"serve-load-{name.replace(' ', '-')}-", suffix=".log")
+        self.proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env, text=True)
+        os.close(fd)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{name} exited at start: {Path(self.log).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}{ready}", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"{name} did not start in 300 s (log: {self.log})")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def _one(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> dict:
+    body = dict(model=server.model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+    body["stream_options"] = {"include_usage": True}
+    sent, times, usage, text = time.perf_counter(), [], None, []
+    async with client.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"{server.name}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            piece = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
+            if piece:
+                times.append(time.perf_counter())
+                text.append(piece)
+    tokens = usage["completion_tokens"] if usage else len(times)
+    return dict(sent=sent, end=time.perf_counter(), times=times, tokens=tokens, text="".join(text))
+
+
+async def _concurrent(server: Server, prompts: list[str], max_tokens: int) -> list[dict]:
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        return await asyncio.gather(*(_one(client, server, p, max_tokens) for p in prompts))
+
+
+async def _sequential(server: Server, prompts: list[str], max_tokens: int) -> list[dict]:
+    async with httpx.AsyncClient(timeout=600) as client:
+        return [await _one(client, server, p, max_tokens) for p in prompts]
+
+
+def _summary(results: list[dict]) -> dict:
+    start, end = min(r["sent"] for r in results), max(r["end"] for r in results)
+    ttft = [r["times"][0] - r["sent"] for r in results if r["times"]]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(r["tokens"] for r in results)
+    return dict(
+        tokens=tokens, seconds=end - start, tokens_per_s=tokens / (end - start),
+        ttft_p50=_pct(ttft, 50), ttft_p95=_pct(ttft, 95), itl_p50=_pct(itl, 50), itl_p95=_pct(itl, 95),
+    )  # fmt: skip
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def _median(rounds: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("DEEPSEEK_LM_COMMIT", "unknown")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ours(args, env) -> Server:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "deepseek_lm", "serve", "--checkpoint", args.checkpoint, "--port", str(port),
+           "--max-batch-size", str(args.max_batch_size), "--model-name", "ours", "--max-queue", "256"]  # fmt: skip
+    if args.compile:
+        cmd.append("--compile")
+    return Server("deepseek-lm serve", cmd, f"http://127.0.0.1:{port}", "ours", env, "/health")
+
+
+def _start_transformers(mode: str, env, export_dir: Path) -> Server:
+    exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
+    port = _free_port()
+    cmd = [exe, "serve", str(export_dir), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu",
+           "--dtype", "float32", "--log-level", "warning"]  # fmt: skip
+    name = "transformers serve"
+    if mode == "continuous-batching":
+        cmd.append("--continuous-batching")
+        name += " --continuous-batching"
+    return Server(name, cmd, f"http://127.0.0.1:{port}", str(export_dir), env, "/health")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or run directory")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-batch-size", type=int, default=16, help="our server's slots")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both servers")
+    p.add_argument("--compile", action="store_true", help="our server with --compile")
+    p.add_argument(
+        "--compare-hf", nargs="*", choices=["default", "continuous-batching"], default=None,
+        help="also `transformers serve` on our HF export, in these modes (none given: both)",
+    )  # fmt: skip
+    p.add_argument("--json", type=str, default=None)
+    args = p.parse_args()
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    prompts = (PROMPTS * (max(args.clients) // len(PROMPTS) + 1))[: max(args.clients)]
+    info = dict(
+        commit=_commit(), date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.processor() or platform.machine(),
+        cpus=os.cpu_count(), threads=args.threads or "default", load_before=os.getloadavg(),
+        max_tokens=args.max_tokens, rounds=args.rounds, checkpoint=args.checkpoint,
+    )  # fmt: skip
+    print(" · ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    servers = [_start_ours(args, env)]
+    tmp = None
+    if args.compare_hf is not None:
+        tmp = Path(tempfile.mkdtemp(prefix="serve-load-hf-"))
+        export = [sys.executable, "-m", "deepseek_lm", "export", "--checkpoint", args.checkpoint, "--format",
+                  "hf", "--out", str(tmp / "hf")]  # fmt: skip
+        subprocess.run(export, check=True, env=env, stdout=subprocess.DEVNULL)
+        for mode in args.compare_hf or ["default", "continuous-batching"]:
+            servers.append(_start_transformers(mode, env, tmp / "hf"))
+    results: dict[str, list[dict]] = {}
+    texts: dict[str, list[str]] = {}
+    try:
+        for s in servers:  # warm-up: first requests pay one-off costs (primitives, caches)
+            asyncio.run(_concurrent(s, prompts[:2], 8))
+        for r in range(args.rounds):
+            for n in args.clients:
+                for s in servers:
+                    out = asyncio.run(_concurrent(s, prompts[:n], args.max_tokens))
+                    results.setdefault(f"{s.name} | {n} concurrent", []).append(_summary(out))
+                    texts[f"{s.name} | {n}"] = [o["text"] for o in out]
+            n = max(args.clients)
+            out = asyncio.run(_sequential(servers[0], prompts[:n], args.max_tokens))
+            results.setdefault(f"{servers[0].name} | {n} one at a time", []).append(_summary(out))
+            print(f"round {r + 1}/{args.rounds} done · load {os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        for s in servers:
+            s.stop()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    table = {k: _median(v) for k, v in results.items()}
+    info["load_after"] = os.getloadavg()
+    _print(table, info, args)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(dict(info=info, results=table, rounds=results), indent=2) + "\n"
+        )
+    return 0
+
+
+def _print(table: dict, info: dict, args) -> None:
+    print(
+        f"\n{'server | clients':<44}{'tokens/s':>10}{'TTFT p50':>10}{'p95':>8}{'ITL p50':>10}{'p95':>8}  ms"
+    )
+    for k, v in table.items():
+        print(f"{k:<44}{v['tokens_per_s']:>10.0f}{v['ttft_p50'] * 1e3:>10.0f}{v['ttft_p95'] * 1e3:>8.0f}"
+              f"{v['itl_p50'] * 1e3:>10.1f}{v['itl_p95'] * 1e3:>8.1f}")  # fmt: skip
+    n = max(args.clients)
+    ours = table[f"deepseek-lm serve | {n} concurrent"]["tokens_per_s"]
+    alone = table[f"deepseek-lm serve | {n} one at a time"]["tokens_per_s"]
+    print(f"\n{n} concurrent / one at a time (ours): {ours / alone:.2f}×")
+    for name in ("transformers serve", "transformers serve --continuous-batching"):
+        if (hf := table.get(f"{name} | {n} concurrent")) is not None:
+            print(f"{n} concurrent, ours / {name}: {ours / hf['tokens_per_s']:.2f}×")
+    print(f"load average before {info['load_before'][0]:.2f}, after {info['load_after'][0]:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
