@@ -167,3 +167,21 @@ def test_the_decoder_is_built_once(checkpoint, monkeypatch):
         assert built == [1]
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_compiled_engine_gives_the_eager_engines_greedy_tokens(checkpoint):
+    """--compile: one graph per power-of-2 batch size over the whole context, compiled at start (~10 s
+    each for the tiny model); it picks kernels per shape, so it matches the eager engine to rounding."""
+    engines = [
+        BatchEngine(checkpoint.model, checkpoint.tokenizer, max_batch_size=2, compile=c).start()
+        for c in (False, True)
+    ]
+    try:
+        for engine in engines:
+            engine.eos_token_id = None
+        eager, compiled = (_run(e, PROMPTS[:3], Params(16, GREEDY)) for e in engines)
+        assert compiled == eager
+    finally:
+        for engine in engines:
+            engine.close()

@@ -73,6 +73,7 @@ def create_app(
 
     app = FastAPI(title="deepseek-lm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_CountRequests, counter=metrics.requests)
     auth = [Depends(_key_checker(api_key))]
 
     @app.post("/v1/completions", dependencies=auth)
@@ -103,13 +104,6 @@ def create_app(
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
 
     _error_handlers(app)
     return app
@@ -158,6 +152,25 @@ def _error_handlers(app: FastAPI) -> None:
         traceback.print_exception(exc, file=sys.stderr)
         message = f"internal error: {type(exc).__name__} (see the server's log)"
         return JSONResponse(P.error_body(message, "server_error"), status_code=500)
+
+
+class _CountRequests:
+    """Count /v1/ requests by route and status (a plain ASGI wrapper: streamed bodies pass untouched)."""
+
+    def __init__(self, app: Any, counter: Any) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")  # the route's template: a bounded set of label values
+                self.counter.labels(getattr(route, "path", "unknown"), str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 class _BodyLimit:
