@@ -1,4 +1,4 @@
-"""The OpenAI request shapes the server accepts (pydantic), and the response objects it builds.
+"""The OpenAI shapes: the requests the server accepts (pydantic), the pieces of its responses, its errors.
 
 Fields follow OpenAI's API reference; `top_k` is an extension (as in vLLM). Parameters that would change
 what a client gets and that this server does not implement (logprobs, penalties, logit_bias, tools, ...)
@@ -12,8 +12,10 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 MAX_N = 16  # choices per request
+RETRY_AFTER_S = 1  # what a 429 / 503 asks the client to wait
 MAX_STOP = 16  # stop strings per request
 
 
@@ -120,3 +122,18 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 Kind = Literal["completion", "chat"]
+
+
+class APIError(HTTPException):
+    """An OpenAI-shaped error response."""
+
+    def __init__(
+        self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(status, message)
+        self.body = error_body(message, type_, param, code)
+        self.headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
