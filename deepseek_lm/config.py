@@ -64,6 +64,10 @@ class DeepSeekConfig:
     bias_update_speed: float = 1e-3  # γ of auxiliary-loss-free balancing; 0 disables the bias
     capacity_factor: float | None = None  # None = dropless; else capacity = factor × even share (training)
 
+    # multi-token prediction (DeepSeek-V3 §2.2, model/mtp.py): module k predicts the token k + 1 ahead with
+    # one block of its own; a training objective and the drafter of self-speculative decoding. 0 = none
+    num_nextn_predict_layers: int = 0
+
     # special tokens (from the tokenizer; carried for export and generation)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -97,7 +101,10 @@ class DeepSeekConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
-        for name in ["q_lora_rank", "qk_nope_head_dim", "n_shared_experts", "first_k_dense_replace"]:
+        for name in [
+            "q_lora_rank", "qk_nope_head_dim", "n_shared_experts", "first_k_dense_replace",
+            "num_nextn_predict_layers",
+        ]:  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.qk_rope_head_dim % 2:

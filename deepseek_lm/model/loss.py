@@ -46,14 +46,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """loss = mean over valid rows of CE(h @ w.T, y); both gradients are computed during the forward."""
 
     @staticmethod
-    def forward(ctx, h_ND, w_VD, y_N, chunk_rows):
+    def forward(ctx, h_ND, w_VD, y_N, chunk_rows, count_top1):
         ctx.dtypes = h_ND.dtype, w_VD.dtype
         dtype = _compute_dtype(w_VD)
         h_ND, w_VD = h_ND.to(dtype), w_VD.to(dtype)
         (N, D), V = h_ND.shape, w_VD.shape[0]
         dev = h_ND.device
         c = _chunk_rows(N, V, chunk_rows, dev)
-        y_N, _, scale_N = _targets(y_N)
+        y_N, valid_N, scale_N = _targets(y_N)
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty(N, D, dtype=dtype, device=dev) if need_h else None
         grad_w = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_w else None  # fp32 accumulator
@@ -62,6 +62,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         probs_cV = logits_cV if dtype == torch.float32 else torch.empty(c, V, dtype=torch.float32, device=dev)
         rows = torch.arange(c, device=dev)
         p_target_N = torch.empty(N, dtype=torch.float32, device=dev)
+        top1_N = torch.zeros(N, dtype=torch.bool, device=dev) if count_top1 else None
         for s in range(0, N, c):
             h_cD, y_c, scale_c = h_ND[s : s + c], y_N[s : s + c], scale_N[s : s + c, None]
             n = h_cD.shape[0]
@@ -70,6 +71,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # over the (c, V) chunk cost a third as much as its three matmuls on a CPU)
             torch.softmax(logits, dim=-1, dtype=torch.float32, out=g)
             p_target_N[s : s + n] = g.gather(1, y_c[:, None])[:, 0]
+            if top1_N is not None:  # the target is the argmax (ties count): one more pass over the chunk
+                top1_N[s : s + n] = p_target_N[s : s + n] >= g.amax(-1)
             g[rows[:n], y_c] -= 1  # softmax - onehot = dCE/dlogits (before the 1/n_valid)
             g = g.to(dtype)
             if need_h:  # the row scale goes on the small (c, D) side of each product
@@ -79,15 +82,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             elif need_w:  # bf16/fp16 products, summed over chunks in fp32
                 grad_w += (g.t() @ (h_cD * scale_c.to(dtype))).float()
         ctx.save_for_backward(grad_h, grad_w)
-        return _mean_nll(p_target_N, h_ND, w_VD, y_N, scale_N)
+        loss = _mean_nll(p_target_N, h_ND, w_VD, y_N, scale_N)
+        if top1_N is None:
+            return loss
+        correct = (top1_N & valid_N).sum().float()
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_correct=None):
         grad_h, grad_w = ctx.saved_tensors
         # out of place: a retained graph may run backward again with the same saved gradients
         gh = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
         gw = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def _mean_nll(p_target_N, h_ND, w_VD, y_N, scale_N) -> torch.Tensor:
@@ -104,29 +112,39 @@ def _mean_nll(p_target_N, h_ND, w_VD, y_N, scale_N) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _linear_cross_entropy_no_grad(h_ND, w_VD, y_N, chunk_rows):
+def _linear_cross_entropy_no_grad(h_ND, w_VD, y_N, chunk_rows, count_top1):
     dtype = _compute_dtype(w_VD)
     h_ND, w_VD = h_ND.to(dtype), w_VD.to(dtype)
     c = _chunk_rows(h_ND.shape[0], w_VD.shape[0], chunk_rows, h_ND.device)
-    y_N, _, scale_N = _targets(y_N)
+    y_N, valid_N, scale_N = _targets(y_N)
     loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+    correct = torch.zeros((), dtype=torch.float32, device=h_ND.device)
     for s in range(0, h_ND.shape[0], c):
         logits_cV = (h_ND[s : s + c] @ w_VD.t()).float()
-        nll_c = torch.logsumexp(logits_cV, -1) - logits_cV.gather(1, y_N[s : s + c, None])[:, 0]
+        target_c = logits_cV.gather(1, y_N[s : s + c, None])[:, 0]
+        nll_c = torch.logsumexp(logits_cV, -1) - target_c
         loss += (nll_c * scale_N[s : s + c]).sum()
-    return loss
+        if count_top1:
+            correct += ((target_c >= logits_cV.amax(-1)) & valid_N[s : s + c]).sum()
+    return (loss, correct) if count_top1 else loss
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
-) -> torch.Tensor:
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+    *,
+    count_top1: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of `h @ weight.T` against `targets`, ignoring targets == -100 (0 if none is valid).
 
     h (..., D), weight (V, D), targets (...) long. Equals `F.cross_entropy(F.linear(h, weight), targets)` in
     value and gradient without materialising the logits of all rows; under autocast the matmuls run in the
-    autocast dtype and the softmax in fp32.
+    autocast dtype and the softmax in fp32. `count_top1`: also return how many valid rows have their target
+    as the argmax (ties count), a float tensor without gradient, from the chunks already computed.
     """
     h_ND, y_N = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h_ND, weight, y_N, chunk_rows)
-    return _linear_cross_entropy_no_grad(h_ND, weight, y_N, chunk_rows)
+        return _LinearCrossEntropy.apply(h_ND, weight, y_N, chunk_rows, count_top1)
+    return _linear_cross_entropy_no_grad(h_ND, weight, y_N, chunk_rows, count_top1)

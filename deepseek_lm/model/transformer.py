@@ -1,6 +1,8 @@
-"""The decoder: pre-norm blocks of MLA + (dense SwiGLU | DeepSeekMoE), the final norm and the LM head.
+"""The decoder: pre-norm blocks of MLA + (dense SwiGLU | DeepSeekMoE), the final norm and the LM head, and
+the optional multi-token-prediction modules (mtp.py) that train beside it.
 
-Parameter names follow transformers' DeepseekV3 without the leading `model.` (see `hf_names.py`).
+Parameter names follow transformers' DeepseekV3 without the leading `model.` (see `hf_names.py`); the MTP
+modules' are `mtp.{k-1}.` + DeepSeek-V3's names for its layer num_hidden_layers + k - 1.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deepseek_lm.config import DeepSeekConfig
-from deepseek_lm.model.layers import RMSNorm, SwiGLU, rope_tables
+from deepseek_lm.model.block import Block
+from deepseek_lm.model.layers import RMSNorm, rope_tables
 from deepseek_lm.model.loss import linear_cross_entropy
-from deepseek_lm.model.mla import MLA, LatentCache, Positions, make_positions
+from deepseek_lm.model.mla import LatentCache, make_positions
 from deepseek_lm.model.moe import MoE, RouterStats
+from deepseek_lm.model.mtp import MTPModule, mtp_objective
 
 
 @dataclass
@@ -24,31 +28,15 @@ class ModelOutput:
     logits: torch.Tensor | None = None  # (B, T, V), (B, 1, V) with last_logits_only; None with targets
     loss: torch.Tensor | None = None  # mean CE over targets != -100 (chunked); None without targets
     aux_loss: torch.Tensor | None = None  # α-weighted MoE auxiliary loss summed over MoE layers
-    router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer
+    router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer (MTP modules' last)
     hidden: torch.Tensor | None = (
         None  # (B, T, D) final-normed hidden states, instead of logits, with return_hidden
     )
-
-
-class Block(nn.Module):
-    def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.is_moe_layer(layer_idx):
-            self.mlp: nn.Module = MoE(config)
-        else:
-            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x: torch.Tensor, pos: Positions, cache: torch.Tensor | None = None):
-        """-> x, aux loss (or None for a dense layer), RouterStats (or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), pos, cache)
-        h = self.post_attention_layernorm(x)
-        if isinstance(self.mlp, MoE):
-            out, aux, stats = self.mlp(h)
-            return x + out, aux, stats
-        return x + self.mlp(h), None, None
+    # with targets and MTP modules, per depth k: mean CE of the module's predictions of t(i+k+1) (chunked;
+    # not in `loss`), predictions whose argmax is the target (float count, no gradient), valid targets
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    mtp_top1: list[torch.Tensor] = field(default_factory=list)
+    mtp_tokens: list[torch.Tensor] = field(default_factory=list)
 
 
 class DeepSeekLM(nn.Module):
@@ -59,6 +47,8 @@ class DeepSeekLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # used by the training objective and by speculative decoding only; share embed_tokens and lm_head
+        self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, config.num_nextn_predict_layers + 1))
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # (2, S, dr) cos/sin; derived from the config, so not saved (recomputed by init_weights)
@@ -79,7 +69,9 @@ class DeepSeekLM(nn.Module):
         | embed_tokens, lm_head (untied), q/kv projections, router,      | normal(0, σ)            |
         |   gate/up projections (dense, shared, routed experts)          |                         |
         | o_proj, down projections (dense, shared, routed experts)       | normal(0, σ/√(2L))      |
-        | RMSNorm weights                                                | ones                    |
+        | MTP modules: eh_proj                                           | normal(0, σ)            |
+        | MTP modules: their block                                       | as a main block's       |
+        | RMSNorm weights (enorm, hnorm, shared_head.norm included)      | ones                    |
         | e_score_correction_bias (buffer)                               | zeros                   |
         | rope cos/sin tables (buffer)                                   | recomputed from config  |
 
@@ -100,13 +92,13 @@ class DeepSeekLM(nn.Module):
             else:
                 residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
                 nn.init.normal_(p, 0.0, out_std if residual_out else std)
-        for block in self.layers:
-            if isinstance(block.mlp, MoE):
-                block.mlp.gate.e_score_correction_bias.zero_()
+        for moe in self.moe_layers():
+            moe.gate.e_score_correction_bias.zero_()
         self.rope.copy_(rope_tables(self.config, self.rope.device))
 
     def moe_layers(self) -> list[MoE]:
-        return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
+        """The main blocks' MoE layers, then the MTP modules' (the order of `ModelOutput.router_stats`)."""
+        return [b.mlp for b in [*self.layers, *self.mtp] if isinstance(b.mlp, MoE)]
 
     @torch.no_grad()
     def update_router_biases(self, counts: list[torch.Tensor]) -> None:
@@ -138,7 +130,8 @@ class DeepSeekLM(nn.Module):
     ) -> ModelOutput:
         """input_ids (B, T) long -> ModelOutput.
 
-        targets (B, T): the loss is computed chunked and `logits` is None. cache: run the absorbed MLA path
+        targets (B, T): the loss is computed chunked and `logits` is None; with MTP modules also their
+        per-depth losses (`mtp_losses`, ...), their aux losses in `aux_loss` and their stats last. cache: run the absorbed MLA path
         over it; row b's tokens sit at positions start_pos[b] + t (start_pos an int or (B,) long), are written
         there, and attend to cache positions j <= their own. Without a cache: naive MLA, causal over T.
         return_hidden: return the final-normed hidden states instead of logits (a caller with its own head).
@@ -159,8 +152,16 @@ class DeepSeekLM(nn.Module):
                 stats.append(s)
         aux = aux if aux is not None else x.new_zeros((), dtype=torch.float32)
         if targets is not None:
-            loss = linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
-            return ModelOutput(loss=loss, aux_loss=aux, router_stats=stats)
+            h = self.norm(x)
+            out = ModelOutput(loss=linear_cross_entropy(h, self.lm_head.weight, targets), aux_loss=aux)
+            out.router_stats = stats
+            if self.mtp:
+                mtp = mtp_objective(self, h, input_ids, targets)
+                out.mtp_losses, out.mtp_top1, out.mtp_tokens = mtp.losses, mtp.top1, mtp.tokens
+                out.router_stats = stats + mtp.router_stats
+                if mtp.aux_loss is not None:
+                    out.aux_loss = aux + mtp.aux_loss
+            return out
         if last_logits_only:
             x = x[:, -1:]
         if return_hidden:
@@ -170,27 +171,45 @@ class DeepSeekLM(nn.Module):
     # accounting -------------------------------------------------------------------------------------------
 
     def param_counts(self) -> dict[str, int]:
-        """total (unique parameters), activated per token (only K of E routed experts), embedding (input table)."""
+        """total (unique parameters of the main model), activated per token (only K of E routed experts),
+        embedding (input table); mtp / mtp_activated: the MTP modules' own, apart (used only by training and
+        speculative decoding; they share the embedding and the head)."""
         cfg = self.config
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
         # the routed experts from the config: under expert parallelism this process holds only some of them
         routed = {id(p) for moe in self.moe_layers() for p in moe.experts.parameters()}
-        total = sum(p.numel() for p in self.parameters() if id(p) not in routed)
-        total += len(self.moe_layers()) * cfg.n_routed_experts * per_expert
-        inactive = len(self.moe_layers()) * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
-        return dict(total=total, activated=total - inactive, embedding=self.embed_tokens.weight.numel())
+        sizes = {"main": 0, "mtp": 0}
+        for name, p in self.named_parameters():  # a tied head is listed once
+            if id(p) not in routed:
+                sizes["mtp" if name.startswith("mtp.") else "main"] += p.numel()
+        n_moe = sum(isinstance(b.mlp, MoE) for b in self.layers)
+        n_moe_mtp = sum(isinstance(m.mlp, MoE) for m in self.mtp)
+        total = sizes["main"] + n_moe * cfg.n_routed_experts * per_expert
+        mtp = sizes["mtp"] + n_moe_mtp * cfg.n_routed_experts * per_expert
+        idle = (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert  # per MoE layer
+        return dict(
+            total=total, activated=total - n_moe * idle, embedding=self.embed_tokens.weight.numel(),
+            mtp=mtp, mtp_activated=mtp - n_moe_mtp * idle,
+        )  # fmt: skip
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token: 6 × activated matmul weights (incl. the LM head, excluding the embedding
         lookup and norms) + 6 · L · H · (qk_head_dim + v_head_dim) · seq_len for scores and values (the PaLM
-        convention: the full T×T, not halved for causality). seq_len defaults to max_position_embeddings."""
+        convention: the full T×T, not halved for causality). seq_len defaults to max_position_embeddings.
+        Each MTP module adds its block and eh_proj, the shared head once more and one layer's attention."""
         cfg = self.config
         seq_len = seq_len or cfg.max_position_embeddings
-        matmul = self.param_counts()["activated"] - self.embed_tokens.weight.numel()
-        matmul -= sum(p.numel() for p in self.parameters() if p.dim() == 1)
+        counts = self.param_counts()
+        vectors = sum(
+            p.numel() for name, p in self.named_parameters() if p.dim() == 1 and not name.startswith("mtp.")
+        )
+        matmul = counts["activated"] - self.embed_tokens.weight.numel() - vectors
         if cfg.tie_word_embeddings:  # the head's matmul uses the (shared) embedding table
             matmul += self.lm_head.weight.numel()
-        attn = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
+        mtp_vectors = sum(p.numel() for p in self.mtp.parameters() if p.dim() == 1)
+        matmul += counts["mtp_activated"] - mtp_vectors + len(self.mtp) * self.lm_head.weight.numel()
+        layers = cfg.num_hidden_layers + len(self.mtp)
+        attn = layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
         return 6 * matmul + 6 * attn
 
 
