@@ -22,10 +22,12 @@ from deepseek_lm.train.session import train
 
 pytestmark = pytest.mark.slow
 
-# 2 ranks × micro-batch 2 = 1 rank × micro-batch 4: the loader gives the same global batches either way
+# 2 ranks × micro-batch 2 = 1 rank × micro-batch 4: the loader gives the same global batches either way.
+# With an MTP module: its loss, top-1 counts and router statistics travel in the step's all-reduce too.
 COMMON = [
     "--preset", "tiny", "--max-steps", "6", "--train.grad_accum_steps", "2", "--train.peak_flops", "1e12",
     "--train.eval_every", "0", "--train.sample_every", "0", "--train.log_every", "1",
+    "--model.num_nextn_predict_layers", "1",
 ]  # fmt: skip
 # fp32 gradient all-reduce sums in another order than one process's batch mean: parameters agree to ~1e-6
 # after 6 AdamW steps at lr 3e-3; the tolerance leaves an order of magnitude of headroom.
@@ -76,6 +78,7 @@ def test_two_processes_match_one_with_the_same_global_batch(data_dir, ddp_run, t
     model_config, cfg = tiny_configs(
         data_dir, max_steps=6, grad_accum_steps=2, micro_batch_size=4, eval_every=0, sample_every=0
     )
+    model_config.num_nextn_predict_layers = 1
     single = train(model_config, cfg, tmp_path)
     a = ckpt.read_model_state(single.checkpoint)
     b = ckpt.read_model_state(ckpt.latest_checkpoint(ddp_run))

@@ -100,8 +100,13 @@ def test_mismatched_checkpoint_names_the_file(full_run, tmp_path):
 # resume
 
 
-def test_resume_is_exact(data_dir, tmp_path):
-    model_config, cfg = tiny_configs(data_dir, max_steps=8, eval_every=0, save_every=0, sample_every=0)
+@pytest.mark.parametrize("mtp", [0, 1], ids=["plain", "mtp"])
+def test_resume_is_exact(data_dir, tmp_path, mtp):
+    # with MTP: its module's weights and router bias, and λ's switch to its final value (at step 4) across
+    # the resume
+    model_config, cfg = tiny_configs(data_dir, max_steps=8, eval_every=0, save_every=0, sample_every=0,
+                                     mtp_weight_final=0.1, mtp_weight_switch=0.5)  # fmt: skip
+    model_config.num_nextn_predict_layers = mtp
     straight = train(model_config, cfg, tmp_path / "straight")
 
     first = train(model_config, cfg, tmp_path / "resumed", stop_at_step=4)
@@ -117,6 +122,14 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "resumed")
     sa, sb = ckpt.read_trainer_state(straight.checkpoint), ckpt.read_trainer_state(resumed.checkpoint)
     assert sa["loader"] == sb["loader"] and sa["scheduler"] == sb["scheduler"]
+    if mtp:
+        assert any(k.startswith("mtp.0.mlp.gate.e_score") for k in biases)
+        records = read_metrics(tmp_path / "resumed", "train")
+        assert [r["mtp_weight"] for r in records] == [0.3] * 4 + [0.1] * 4
+        mtp_logged = [(r["mtp_loss"], r["mtp_top1"]) for r in records]
+        assert mtp_logged == [
+            (r["mtp_loss"], r["mtp_top1"]) for r in read_metrics(tmp_path / "straight", "train")
+        ]
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path, monkeypatch):

@@ -60,6 +60,15 @@ class TrainConfig:
     grad_clip: float = 0.5
     """Clip the global gradient norm to this (0 disables)."""
 
+    # multi-token prediction (models with model.num_nextn_predict_layers > 0)
+    mtp_weight: float = 0.3
+    """λ: loss = CE + MoE aux + λ · mean over the MTP depths of their CE (DeepSeek-V3: 0.3, later 0.1)."""
+    mtp_weight_final: float | None = None
+    """λ after mtp_weight_switch of the run: DeepSeek-V3's two-phase schedule is 0.3 then 0.1; None: constant."""
+    mtp_weight_switch: float = 10 / 14.8
+    """Fraction of the run (steps, or the time budget with schedule_by_time) after which mtp_weight_final
+    applies (DeepSeek-V3: after 10T of its 14.8T training tokens)."""
+
     # precision and speed
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
@@ -122,6 +131,11 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be >= 0 (got {getattr(self, name)})")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UserError(f"train.max_steps must be > 0 (got {self.max_steps})")
+        if self.mtp_weight < 0 or (self.mtp_weight_final or 0) < 0 or not 0 <= self.mtp_weight_switch <= 1:
+            raise UserError(
+                "need train.mtp_weight >= 0, train.mtp_weight_final >= 0 and 0 <= train.mtp_weight_switch <= 1 "
+                f"(got {self.mtp_weight}, {self.mtp_weight_final}, {self.mtp_weight_switch})"
+            )
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"need lr > 0 and 0 <= min_lr_ratio <= 1 (got {self.lr}, {self.min_lr_ratio})")
 

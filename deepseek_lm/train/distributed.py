@@ -181,7 +181,7 @@ def _fully_shard(model: nn.Module, info: DistInfo, device: torch.device, param_d
             # by a sum and a division: the fused pre-multiplied sum is NCCL's alone (gloo refuses it). Not
             # on a mesh of one, where torch 2.13 would then divide twice.
             moe.experts.set_force_sum_reduction_for_comms(replica_mesh.size() > 1)
-    for layer in model.layers:
+    for layer in [*model.layers, *model.mtp]:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

@@ -3,7 +3,9 @@
 Per optimizer step every rank runs `grad_accum_steps` micro-batches (gradient all-reduce only on the last,
 `no_sync` before), then one all-reduce of a small float64 vector carries the step's losses, the stop flag
 and the MoE router statistics, so every rank takes the same decisions (skip a non-finite step, stop) and
-updates the router biases from the same global token counts. Legend: L MoE layers, E routed experts.
+updates the router biases from the same global token counts. With multi-token prediction the loss adds
+λ · the mean of the MTP depths' cross-entropies (λ from `mtp_weight`). Legend: L MoE layers (the MTP modules'
+last), E routed experts, K MTP depths.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +49,11 @@ class StepResult:
     counts_LE: torch.Tensor | None  # routed tokens per expert, summed over micro-batches and ranks
     dropped_L: torch.Tensor | None  # mean dropped fraction per MoE layer
     entropy_L: torch.Tensor | None  # mean router entropy per MoE layer
+    # multi-token prediction, per depth (empty without MTP): mean CE; top-1 hits and valid targets, summed
+    mtp_loss_K: list[float] = field(default_factory=list)
+    mtp_top1_K: list[float] = field(default_factory=list)
+    mtp_tokens_K: list[float] = field(default_factory=list)
+    mtp_weight: float = 0.0  # λ of this step
 
 
 class StopSignal:
@@ -81,11 +88,27 @@ class StopSignal:
 # one optimizer step
 
 
+def mtp_weight(t: Trainer) -> float:
+    """λ of the coming step: `mtp_weight`, then `mtp_weight_final` once `mtp_weight_switch` of the run has
+    passed (by steps; by the training clock under the time-budget schedule)."""
+    cfg = t.cfg
+    if cfg.mtp_weight_final is None:
+        return cfg.mtp_weight
+    if cfg.schedule_by_time and cfg.max_time_minutes:
+        progress = t.state.train_seconds / (cfg.max_time_minutes * 60)
+    else:
+        progress = t.state.step / t.total_steps
+    return cfg.mtp_weight if progress < cfg.mtp_weight_switch else cfg.mtp_weight_final
+
+
 def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor, sync: bool) -> Any:
-    """One micro-batch: forward with the step's precision, backward of (CE + MoE aux) / accumulation."""
+    """One micro-batch: forward with the step's precision, backward of (CE + MoE aux + λ · MTP) / accumulation."""
     with D.grad_sync(t.model, sync), t.precision.autocast():
         out = t.model(x, targets=y)
-        loss = (out.loss + out.aux_loss) / t.cfg.grad_accum_steps
+        loss = out.loss + out.aux_loss
+        if out.mtp_losses:  # DeepSeek-V3 eq. 25: λ times the mean over depths
+            loss = loss + mtp_weight(t) * torch.stack(out.mtp_losses).mean()
+        loss = loss / t.cfg.grad_accum_steps
     t.scaler.scale(loss).backward()
     if sync and t.ep is not None and not t.fsdp:  # DDP has reduced the other gradients by now
         EP.reduce_expert_grads(t.raw_model, t.ep)
@@ -93,8 +116,11 @@ def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor, sync: bool) -
 
 
 def _micro_batch_stats(out: Any) -> torch.Tensor:
-    """[ce, aux, counts (L·E), dropped (L), entropy (L)] of one forward, as one float64 vector."""
+    """[ce, aux, MTP loss (K), MTP top-1 hits (K), MTP targets (K), counts (L·E), dropped (L), entropy (L)]
+    of one forward, as one float64 vector."""
     parts = [out.loss.detach().reshape(1), out.aux_loss.detach().reshape(1)]
+    for values in (out.mtp_losses, out.mtp_top1, out.mtp_tokens):
+        parts += [v.detach().reshape(1) for v in values]
     stats = out.router_stats or []
     parts += [s.counts.reshape(-1) for s in stats]
     parts += (
@@ -106,12 +132,19 @@ def _micro_batch_stats(out: Any) -> torch.Tensor:
     return torch.cat([p.to(device=device, dtype=torch.float64) for p in parts])
 
 
-def _unpack(v: torch.Tensor, n_layers: int, n_experts: int, n_micro: int) -> dict[str, Any]:
+def _unpack(v: torch.Tensor, n_layers: int, n_experts: int, n_depths: int, n_micro: int) -> dict[str, Any]:
     """Split the reduced vector back; `n_micro` = micro-batches summed (accumulation × ranks)."""
-    counts_end = 2 + n_layers * n_experts
     stats = {"loss": v[0].item() / n_micro, "aux_loss": v[1].item() / n_micro, "stop": v[-1].item() > 0}
+    K = n_depths
+    stats["mtp_loss_K"] = (v[2 : 2 + K] / n_micro).tolist()
+    stats["mtp_top1_K"], stats["mtp_tokens_K"] = (
+        v[2 + K : 2 + 2 * K].tolist(),
+        v[2 + 2 * K : 2 + 3 * K].tolist(),
+    )
+    start = 2 + 3 * K
+    counts_end = start + n_layers * n_experts
     if n_layers:
-        stats["counts_LE"] = v[2:counts_end].reshape(n_layers, n_experts)
+        stats["counts_LE"] = v[start:counts_end].reshape(n_layers, n_experts)
         stats["dropped_L"] = (v[counts_end : counts_end + n_layers] / n_micro).float()
         stats["entropy_L"] = (v[counts_end + n_layers : counts_end + 2 * n_layers] / n_micro).float()
     return stats
@@ -132,8 +165,8 @@ def optimizer_step(t: Trainer) -> float | None:
     return norm
 
 
-def run_micro_batches(t: Trainer) -> tuple[torch.Tensor, int]:
-    """Forward + backward over the step's micro-batches -> (summed stats vector, number of MoE layers)."""
+def run_micro_batches(t: Trainer) -> tuple[torch.Tensor, int, int]:
+    """Forward + backward over the step's micro-batches -> (summed stats vector, MoE layers, MTP depths)."""
     accum, total = t.cfg.grad_accum_steps, None
     for i in range(accum):
         x, y = next(t.loader)  # (B, T) each
@@ -141,26 +174,28 @@ def run_micro_batches(t: Trainer) -> tuple[torch.Tensor, int]:
         out = forward_backward(t, x, y, sync=i == accum - 1)
         stats = _micro_batch_stats(out)
         total = stats if total is None else total + stats
-    return total, len(out.router_stats or [])
+    return total, len(out.router_stats or []), len(out.mtp_losses)
 
 
 def train_step(t: Trainer, stop_requested: bool) -> StepResult:
-    lr = t.optimizer.param_groups[0]["lr"]
-    total, n_layers = run_micro_batches(t)
+    lr, lam = t.optimizer.param_groups[0]["lr"], mtp_weight(t)
+    total, n_layers, n_depths = run_micro_batches(t)
     flag = torch.tensor([1.0 if stop_requested else 0.0], dtype=torch.float64, device=total.device)
     reduced = D.all_reduce(torch.cat([total, flag]), t.dist)  # one collective carries all the step's stats
     n_micro = t.cfg.grad_accum_steps * t.dist.world_size
-    s = _unpack(reduced.cpu(), n_layers, t.model_config.n_routed_experts, n_micro)
-    norm = optimizer_step(t) if math.isfinite(s["loss"] + s["aux_loss"]) else None
+    s = _unpack(reduced.cpu(), n_layers, t.model_config.n_routed_experts, n_depths, n_micro)
+    mtp = dict(mtp_loss_K=s["mtp_loss_K"], mtp_top1_K=s["mtp_top1_K"], mtp_tokens_K=s["mtp_tokens_K"])
+    finite = math.isfinite(s["loss"] + s["aux_loss"] + sum(s["mtp_loss_K"]))
+    norm = optimizer_step(t) if finite else None
     if norm is None:
         t.optimizer.zero_grad(set_to_none=True)
-        return StepResult(s["loss"], s["aux_loss"], math.nan, lr, True, s["stop"], None, None, None)
+        return StepResult(s["loss"], s["aux_loss"], math.nan, lr, True, s["stop"], None, None, None, **mtp)
     if n_layers:
         t.raw_model.update_router_biases(list(s["counts_LE"].to(t.device)))
     t.state.step += 1
     t.state.tokens_seen += t.tokens_per_step
     moe = (s.get("counts_LE"), s.get("dropped_L"), s.get("entropy_L"))
-    return StepResult(s["loss"], s["aux_loss"], norm, lr, False, s["stop"], *moe)
+    return StepResult(s["loss"], s["aux_loss"], norm, lr, False, s["stop"], *moe, **mtp, mtp_weight=lam)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,6 +215,7 @@ def evaluate(t: Trainer, max_batches: int | None) -> dict[str, float]:
     model = t.model if t.fsdp else t.raw_model  # DDP's wrapper is for training only
     model.eval()
     total = count = selection_total = selection_count = 0.0  # Σ loss·tokens and Σ tokens
+    mtp_K = None  # per MTP depth: Σ loss·targets, Σ top-1 hits, Σ targets
     batches = eval_batches(t.data.tokens("val"), t.cfg.seq_len, t.cfg.micro_batch_size, max_batches)
     for i, (x, y) in enumerate(batches):
         with t.precision.autocast():
@@ -187,15 +223,25 @@ def evaluate(t: Trainer, max_batches: int | None) -> dict[str, float]:
         total, count = total + out.loss.item() * y.numel(), count + y.numel()
         if i < t.cfg.eval_batches:
             selection_total, selection_count = total, count
+        if out.mtp_losses:
+            sums = torch.stack(
+                [torch.stack(v).double() for v in (out.mtp_losses, out.mtp_top1, out.mtp_tokens)]
+            )
+            sums[0] *= sums[2]
+            mtp_K = sums if mtp_K is None else mtp_K + sums
     model.train()
     loss = total / max(count, 1)
-    return {
+    metrics = {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "bits_per_byte": bits_per_byte(loss, t.data.bytes_per_token("val")),
         "tokens": int(count),
         "selection_loss": selection_total / max(selection_count, 1),
     }
+    if mtp_K is not None:
+        metrics["mtp_loss"] = (mtp_K[0] / mtp_K[2].clamp(min=1)).tolist()
+        metrics["mtp_top1"] = (mtp_K[1] / mtp_K[2].clamp(min=1)).tolist()
+    return metrics
 
 
 def warn_nonfinite(t: Trainer, r: StepResult) -> None:

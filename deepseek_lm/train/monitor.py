@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import psutil
 import torch
 
@@ -185,6 +186,8 @@ class Window:
         self.counts_LE: torch.Tensor | None = None
         self.dropped_L: torch.Tensor | None = None
         self.entropy_L: torch.Tensor | None = None
+        self.mtp_K: np.ndarray | None = None  # per MTP depth: Σ loss, Σ top-1 hits, Σ targets
+        self.mtp_weight = 0.0
 
     def add(self, r: StepResult) -> None:
         self.steps += 1
@@ -192,6 +195,10 @@ class Window:
         self.aux += r.aux_loss
         self.grad_norm += r.grad_norm
         self.lr = r.lr  # the window's last
+        if r.mtp_loss_K:
+            mtp = np.array([r.mtp_loss_K, r.mtp_top1_K, r.mtp_tokens_K])
+            self.mtp_K = mtp if self.mtp_K is None else self.mtp_K + mtp
+            self.mtp_weight = r.mtp_weight
         if r.counts_LE is not None:
             first = self.counts_LE is None
             self.counts_LE = r.counts_LE.clone() if first else self.counts_LE + r.counts_LE
@@ -224,6 +231,10 @@ class Window:
             record.update(
                 expert_stats(self.counts_LE, self.dropped_L / self.steps, self.entropy_L / self.steps)
             )
+        if self.mtp_K is not None:  # per depth: mean loss, and the share of targets that were the argmax
+            record["mtp_loss"] = (self.mtp_K[0] / self.steps).tolist()
+            record["mtp_top1"] = (self.mtp_K[1] / np.maximum(self.mtp_K[2], 1)).tolist()
+            record["mtp_weight"] = self.mtp_weight
         return record
 
 
@@ -256,12 +267,23 @@ def format_train(r: dict[str, Any], total_steps: int, show_mfu: bool = True) -> 
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     if "load_imbalance" in r:
         parts.append(f"expert load max/mean {max(r['load_imbalance']):.2f}")
+    if "mtp_loss" in r:
+        parts.append(format_mtp(r))
     return " | ".join(parts)
 
 
-def format_eval(m: dict[str, float], xz_bpb: float | None, step: int) -> str:
+def format_mtp(r: dict[str, Any]) -> str:
+    """`mtp loss 4.51 top-1 38.2%`, depths separated by ' / ' (top-1: the draft's agreement with the next
+    token, an estimate of speculative decoding's acceptance rate)."""
+    loss = " / ".join(f"{v:.3f}" for v in r["mtp_loss"])
+    top1 = " / ".join(f"{100 * v:.1f}%" for v in r["mtp_top1"])
+    return f"mtp loss {loss} top-1 {top1}"
+
+
+def format_eval(m: dict[str, Any], xz_bpb: float | None, step: int) -> str:
     xz = f" (xz -9: {xz_bpb:.3f})" if xz_bpb is not None else ""
+    mtp = f" | {format_mtp(m)}" if "mtp_loss" in m else ""
     return (
         f"eval step {step}: val loss {m['loss']:.4f} | perplexity {m['perplexity']:.1f} | "
-        f"{m['bits_per_byte']:.3f} bits/byte{xz}"
+        f"{m['bits_per_byte']:.3f} bits/byte{xz}{mtp}"
     )

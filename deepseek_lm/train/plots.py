@@ -22,19 +22,42 @@ def _pyplot():
 
 
 def plot_loss(run_dir: Path, out: Path, xz_bits_per_byte: float | None) -> Path:
-    """Train and validation bits per byte (tokenizer-independent) with the xz baseline as a line."""
+    """Train and validation bits per byte (tokenizer-independent) with the xz baseline as a line; with
+    multi-token prediction also each depth's loss, and below its top-1 agreement with the next token."""
     plt = _pyplot()
     train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    mtp = [r for r in train if r.get("mtp_loss")]
+    fig, axes = plt.subplots(2 if mtp else 1, figsize=(7, 7 if mtp else 4.2), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     ax.plot([r["step"] for r in train], [r["bits_per_byte"] for r in train], label="train", lw=1)
     if evals:
         ax.plot([r["step"] for r in evals], [r["bits_per_byte"] for r in evals], "o-", label="validation")
+    for k in range(len(mtp[0]["mtp_loss"]) if mtp else 0):  # nats -> bits per byte as the main loss's
+        bpb = [r["mtp_loss"][k] * r["bits_per_byte"] / r["loss"] for r in mtp]
+        ax.plot(
+            [r["step"] for r in mtp], bpb, f"C{k + 2}", lw=1, alpha=0.8, label=f"MTP depth {k + 1} (train)"
+        )
     if xz_bits_per_byte is not None:
         ax.axhline(xz_bits_per_byte, color="gray", ls="--", label=f"xz -9 ({xz_bits_per_byte:.2f})")
-    ax.set(xlabel="optimizer step", ylabel="bits per byte", title="Loss")
+    ax.set(ylabel="bits per byte", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if mtp:
+        _plot_mtp_top1(axes[1, 0], mtp, [r for r in evals if r.get("mtp_top1")])
+    axes[-1, 0].set(xlabel="optimizer step")
     return _save(fig, out, plt)
+
+
+def _plot_mtp_top1(ax, train: list[dict], evals: list[dict]) -> None:
+    for k in range(len(train[0]["mtp_top1"])):  # the colours of the depths' losses above
+        steps, top1 = [r["step"] for r in train], [r["mtp_top1"][k] for r in train]
+        ax.plot(steps, top1, f"C{k + 2}", lw=1, label=f"depth {k + 1} (train)")
+        if evals:
+            steps, top1 = [r["step"] for r in evals], [r["mtp_top1"][k] for r in evals]
+            ax.plot(steps, top1, f"C{k + 2}o--", label=f"depth {k + 1} (validation)")
+    ax.set(ylabel="top-1 agreement", title="MTP drafts: argmax = next token (≈ acceptance rate)")
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def plot_lr(run_dir: Path, out: Path) -> Path:

@@ -130,13 +130,23 @@ def header(t: Trainer, resolved: dict[str, Any]) -> str:
         f"process(es) = {cfg.micro_batch_size * cfg.grad_accum_steps * t.dist.world_size} sequences "
         f"× {cfg.seq_len} tokens = {t.tokens_per_step:,} tokens per step",
         f"model: {counts['total'] / 1e6:.2f} M parameters ({counts['activated'] / 1e6:.2f} M activated per token, "
-        f"{counts['embedding'] / 1e6:.2f} M embedding) · vocabulary {t.model_config.vocab_size:,}",
+        f"{counts['embedding'] / 1e6:.2f} M embedding) · vocabulary {t.model_config.vocab_size:,}"
+        + mtp_note(t, counts["mtp"]),
         f"data {t.data.path}: {manifest['splits']['train']['tokens']:,} train / "
         f"{manifest['splits']['val']['tokens']:,} val tokens"
         + (f" · xz -9 baseline {xz:.3f} bits/byte" if xz is not None else ""),
         schedule_line(t, epochs),
     ]
     return "\n".join(lines)
+
+
+def mtp_note(t: Trainer, n_params: int) -> str:
+    if not t.raw_model.mtp:
+        return ""
+    cfg, weight = t.cfg, f"λ {t.cfg.mtp_weight:g}"
+    if cfg.mtp_weight_final is not None:
+        weight += f", {cfg.mtp_weight_final:g} after {cfg.mtp_weight_switch:.0%} of the run"
+    return f" · MTP: {len(t.raw_model.mtp)} module(s) of {n_params / 1e6:.2f} M parameters, {weight}"
 
 
 def schedule_line(t: Trainer, epochs: float) -> str:

@@ -210,7 +210,7 @@ def prepare_model(
                 moe.experts.use_grouped_mm = False
         # Compile block by block in place: parameter names stay those of the model (no `_orig_mod.`), and
         # each block's graph is reused across layers.
-        for layer in raw_model.layers:
+        for layer in [*raw_model.layers, *raw_model.mtp]:
             layer.compile()
     param_dtype = precision.dtype if precision.name != "fp32" else None
     return D.wrap_model(raw_model, info, device, fsdp=cfg.fsdp, param_dtype=param_dtype, ep=ep)
