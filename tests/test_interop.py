@@ -276,6 +276,7 @@ TRAINED = dict(
     topk_group=1,
     routed_scaling_factor=1.5,
     bias_update_speed=1e-2,
+    num_nextn_predict_layers=1,  # the export carries an MTP layer: transformers' parity holds regardless
 )
 
 
@@ -369,6 +370,17 @@ def test_export_writes_the_hf_layout(trained_export):
     # per-expert names, as transformers' save_pretrained writes them (and 4.x, vLLM, llama.cpp read them)
     assert "model.layers.1.mlp.experts.3.up_proj.weight" in keys
     assert not any(k.endswith("gate_up_proj") for k in keys)
+    # the MTP module as DeepSeek-V3's layer num_hidden_layers (3) with copies of the shared tensors
+    mtp = {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "embed_tokens.weight",
+           "shared_head.head.weight", "mlp.experts.5.down_proj.weight", "self_attn.kv_b_proj.weight"}  # fmt: skip
+    assert {f"model.layers.3.{k}" for k in mtp} <= keys and not any(".layers.4." in k for k in keys)
+    with safe_open(trained_export / "model.safetensors", "pt") as f:
+        for copy, main in [
+            ("embed_tokens.weight", "model.embed_tokens.weight"),
+            ("shared_head.head.weight", "lm_head.weight"),
+        ]:
+            assert torch.equal(f.get_tensor(f"model.layers.3.{copy}"), f.get_tensor(main))
+    assert json.loads((trained_export / "config.json").read_text())["num_nextn_predict_layers"] == 1
     generation = json.loads((trained_export / "generation_config.json").read_text())
     assert (generation["eos_token_id"], generation["pad_token_id"], generation["bos_token_id"]) == (
         0,
@@ -571,6 +583,34 @@ def test_fused_expert_layout_imports(tmp_path):
     assert_same_logits(ckpt.model, theirs, HF_SMALL["vocab_size"])
 
 
+def test_transformers_directory_with_mtp_layers_imports(tmp_path):
+    """transformers' save_pretrained writes no MTP layer (its config still declares one): imported without;
+    with DeepSeek-V3-style MTP tensors added (fused experts, as transformers 5 holds them), imported with
+    them, equal to the module they came from."""
+    from safetensors.torch import load_file, save_file
+
+    theirs = hf_model("DeepseekV3ForCausalLM")
+    theirs.save_pretrained(tmp_path / "hf")
+    report = import_hf(tmp_path / "hf", tmp_path / "without")
+    assert "num_nextn_predict_layers=1 but the weights hold 0 MTP layer(s)" in report.notes[-1]
+    assert load_checkpoint(report.path).config.num_nextn_predict_layers == 0
+    # an MTP module of the same architecture, written into the directory as layer 3
+    ours = load_checkpoint(report.path).model
+    config = DeepSeekConfig.from_dict({**ours.config.to_dict(), "num_nextn_predict_layers": 1})
+    donor = get_model(config)
+    randomise(donor)
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for name, tensor in donor.mtp[0].state_dict().items():
+        state[f"model.layers.3.{name}"] = tensor.contiguous()
+    state["model.layers.3.embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    back = load_checkpoint(import_hf(tmp_path / "hf", tmp_path / "with").path)
+    assert back.config.num_nextn_predict_layers == 1
+    for name, tensor in donor.mtp[0].state_dict().items():
+        assert torch.equal(back.model.mtp[0].state_dict()[name], tensor), name
+    assert_same_logits(back.model, theirs, HF_SMALL["vocab_size"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # bad input: one clear line each
 
@@ -614,6 +654,12 @@ def test_import_refuses_an_unexpected_tensor(trained_export, tmp_path):
     hf = copy_export(trained_export, tmp_path)
     rewrite_weights(hf, lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
     one_line_error(import_hf, hf, tmp_path / "out", match="unexpected tensor model.layers.0.mlp.extra.weight")
+
+
+def test_import_refuses_an_mtp_layer_with_its_own_embedding(trained_export, tmp_path):
+    hf = copy_export(trained_export, tmp_path)
+    rewrite_weights(hf, lambda s: s["model.layers.3.embed_tokens.weight"].add_(1.0))
+    one_line_error(import_hf, hf, tmp_path / "out", match="model.layers.3.embed_tokens.weight differs")
 
 
 def test_import_refuses_what_is_not_a_deepseek_checkpoint(trained_ckpt, trained_export, tmp_path):

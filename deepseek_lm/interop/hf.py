@@ -34,6 +34,7 @@ from deepseek_lm.interop.hf_config import HF_MODEL_TYPES, InteropError, from_hf_
 from deepseek_lm.interop.hf_weights import (
     expected_hf_shapes,
     from_hf_state_dict,
+    mtp_layers_present,
     normalize_hf_state,
     to_hf_state_dict,
 )
@@ -144,14 +145,32 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> InteropReport:
     raw = _read_hf_config(hf_dir)
     _refuse_overwrite(out, hf_dir, looks_ours=is_checkpoint_dir)
     config = from_hf_config(raw, str(hf_dir / CONFIG_FILE))
-    hf_state = normalize_hf_state(read_hf_weights(hf_dir), config)
-    _check_tensors(hf_state, expected_hf_shapes(config, raw["model_type"]), str(hf_dir))
+    weights = read_hf_weights(hf_dir)
+    config, notes = _present_mtp_layers(config, weights, hf_dir)
+    hf_state = normalize_hf_state(weights, config, str(hf_dir))
+    _check_tensors(hf_state, expected_hf_shapes(config, raw["model_type"], shared_copies=False), str(hf_dir))
     model = _build_model(config)
     # our own names and shapes, checked once more by the checkpoint code (one line naming the tensor)
     load_model_weights(model, from_hf_state_dict(hf_state, config, str(hf_dir)), config, hf_dir)
-    tokenizer, notes = _read_tokenizer(hf_dir)
+    tokenizer, tokenizer_notes = _read_tokenizer(hf_dir)
     save_model_dir(out, model.eval(), tokenizer, chat_template=_read_chat_template(hf_dir))
-    return InteropReport(out, raw["model_type"], notes)
+    return InteropReport(out, raw["model_type"], tokenizer_notes + notes)
+
+
+def _present_mtp_layers(
+    config: DeepSeekConfig, weights: dict[str, torch.Tensor], hf_dir: Path
+) -> tuple[DeepSeekConfig, list[str]]:
+    """The config with as many MTP modules as the weights hold: transformers' own config class declares
+    num_nextn_predict_layers=1 by default, and its save_pretrained writes no MTP layer."""
+    declared, present = config.num_nextn_predict_layers, mtp_layers_present(weights, config)
+    if present == declared:
+        return config, []
+    note = (
+        f"{hf_dir / CONFIG_FILE} declares num_nextn_predict_layers={declared} but the weights hold "
+        f"{present} MTP layer(s) (model.layers.{config.num_hidden_layers}...): imported with {present}"
+        + ("; `generate --speculative` needs at least one" if present == 0 else "")
+    )
+    return DeepSeekConfig.from_dict({**config.to_dict(), "num_nextn_predict_layers": present}), [note]
 
 
 def _read_hf_config(hf_dir: Path) -> dict[str, Any]:

@@ -49,7 +49,7 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
         qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
         norm_topk_prob=True, hidden_act="silu", max_position_embeddings=4096, initializer_range=0.02,
         rms_norm_eps=1e-6, pad_token_id=None, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
-        rope_interleave=True, attention_bias=False,
+        rope_interleave=True, attention_bias=False, num_nextn_predict_layers=1,
     ),
     "deepseek_v2": dict(
         vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -157,6 +157,8 @@ def to_hf_config(config: DeepSeekConfig, dtype: str = "float32") -> dict[str, An
         "torch_dtype": dtype,  # the name transformers < 4.56 reads
         "scoring_func": config.scoring_func,
         **{name: getattr(config, name) for name in TRAINING_FIELDS},
+        # the MTP modules, as model.layers.{num_hidden_layers + k - 1} (DeepSeek-V3's README_WEIGHTS.md)
+        "num_nextn_predict_layers": config.num_nextn_predict_layers,
     }
     if model_type == "deepseek_v3":
         hf |= {
@@ -165,7 +167,6 @@ def to_hf_config(config: DeepSeekConfig, dtype: str = "float32") -> dict[str, An
             "norm_topk_prob": config.norm_topk_prob,
             "rope_interleave": True,  # our rotary pairs are interleaved, as DeepSeek's weights
             "topk_method": "noaux_tc",  # DeepSeek's name for bias-corrected sigmoid routing (vLLM reads it)
-            "num_nextn_predict_layers": 0,  # no multi-token-prediction weights are exported
         }
     else:  # deepseek_v2 always rotates interleaved pairs (complex multiplication)
         grouped = config.topk_group < config.n_group
@@ -255,6 +256,8 @@ def from_hf_config(raw: dict[str, Any], source: str = "config.json") -> DeepSeek
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         eos_token_id=_first_id(hf["eos_token_id"]),
+        # how many MTP layers the weights really hold is for the importer to check (hf.py)
+        num_nextn_predict_layers=hf.get("num_nextn_predict_layers") or 0,
         **_routing_from_hf(hf, model_type, source),
     )
     fields |= {name: hf[name] for name in TRAINING_FIELDS if name in hf}

@@ -7,7 +7,13 @@ per-expert names `experts.{e}.{gate,up,down}_proj.weight`: that is what transfor
 writes (its conversion mapping splits the fused tensors on save and merges them on load), what
 transformers 4.x, vLLM and llama.cpp read, and what DeepSeek's own checkpoints use. Import reads both layouts.
 
-Legend: E routed experts, I moe_intermediate_size, H hidden_size.
+Multi-token-prediction modules (deepseek_lm/model/mtp.py) are written as DeepSeek-V3's checkpoint holds them:
+our `mtp.{k-1}.X` is `model.layers.{num_hidden_layers + k - 1}.X`, plus copies of the shared embedding and head
+(`embed_tokens.weight`, `shared_head.head.weight`) in that layer, where vLLM loads them from. transformers
+does not build these layers and leaves the tensors unused. Import reads them back and checks the copies
+against the main tensors.
+
+Legend: E routed experts, I moe_intermediate_size, H hidden_size, L num_hidden_layers.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from deepseek_lm.model.hf_names import HEAD, from_hf_name, to_hf_name
 FUSED_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 PER_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 BIAS_RE = re.compile(r"^layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$")
+MTP_RE = re.compile(r"^mtp\.(\d+)\.")
+LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+# where DeepSeek-V3's checkpoint repeats the shared tensors in each MTP layer, and the tensors they copy
+MTP_SHARED_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": HEAD}
 HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 HF_FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 # Kept in fp32 whatever the export dtype: transformers keeps these two in fp32 too (routing is fp32 maths).
@@ -36,6 +46,7 @@ def to_hf_state_dict(
     """Our state_dict as transformers' checkpoint tensors (contiguous, CPU), ready for safetensors."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
+        name = MTP_RE.sub(lambda m: f"layers.{config.num_hidden_layers + int(m.group(1))}.", name)
         if name == HEAD and config.tie_word_embeddings:
             continue  # transformers ties lm_head to embed_tokens on load; safetensors refuses aliases
         if BIAS_RE.match(name) and model_type == "deepseek_v2":
@@ -48,7 +59,17 @@ def to_hf_state_dict(
             out[to_hf_name(name)] = tensor
     if config.n_shared_experts == 0:  # we build no shared MLP; transformers builds one of width 0
         out |= _empty_shared_experts(config)
+    shared = {"model.embed_tokens.weight": state["embed_tokens.weight"]}
+    shared[HEAD] = state["embed_tokens.weight" if config.tie_word_embeddings else HEAD]
+    for layer in _mtp_layers(config):  # copies: safetensors refuses tensors that share memory
+        out |= {f"model.layers.{layer}.{k}": shared[v].clone() for k, v in MTP_SHARED_COPIES.items()}
     return {k: _cast(k, v, dtype) for k, v in out.items()}
+
+
+def _mtp_layers(config: DeepSeekConfig) -> range:
+    """The layer indices of the MTP modules in DeepSeek-V3's layout: right after the main layers."""
+    L = config.num_hidden_layers
+    return range(L, L + config.num_nextn_predict_layers)
 
 
 def _empty_shared_experts(config: DeepSeekConfig) -> dict[str, torch.Tensor]:
@@ -93,18 +114,23 @@ def _split_experts(layer: int, kind: str, fused: torch.Tensor) -> dict[str, torc
 
 
 def normalize_hf_state(
-    hf_state: Mapping[str, torch.Tensor], config: DeepSeekConfig
+    hf_state: Mapping[str, torch.Tensor], config: DeepSeekConfig, source: str = "the checkpoint"
 ) -> dict[str, torch.Tensor]:
-    """transformers' tensors in the on-disk layout `expected_hf_shapes` describes: fused 3-D experts (as
-    transformers 5 holds them in memory) split per expert; dropped, as transformers drops them on load:
-    multi-token-prediction layers (index ≥ num_hidden_layers, as in DeepSeek-V3's own checkpoint), old
-    `rotary_emb.inv_freq` buffers, and a tied model's redundant lm_head."""
+    """transformers' tensors in the on-disk layout `expected_hf_shapes(..., shared_copies=False)` describes:
+    fused 3-D experts (as transformers 5 holds them in memory) split per expert; the MTP layers' copies of
+    the embedding and head checked against the main ones and dropped; dropped, as transformers drops them on
+    load: layers past the config's MTP modules, old `rotary_emb.inv_freq` buffers, and a tied model's
+    redundant lm_head."""
     out: dict[str, torch.Tensor] = {}
+    last = config.num_hidden_layers + config.num_nextn_predict_layers
     for name, tensor in hf_state.items():
         layer = HF_LAYER_RE.match(name)
-        if "rotary_emb." in name or (layer and int(layer.group(1)) >= config.num_hidden_layers):
+        if "rotary_emb." in name or (layer and int(layer.group(1)) >= last):
             continue
         if name == HEAD and config.tie_word_embeddings:
+            continue
+        if layer and name[layer.end() :] in MTP_SHARED_COPIES:
+            _check_copy(name, tensor, hf_state, MTP_SHARED_COPIES[name[layer.end() :]], config, source)
             continue
         fused = HF_FUSED_RE.match(name)
         if fused and tensor.dim() == 3:
@@ -114,6 +140,26 @@ def normalize_hf_state(
     return out
 
 
+def _check_copy(name: str, copy: torch.Tensor, hf_state, original: str, config: DeepSeekConfig, source: str):
+    """Our MTP modules share the main model's embedding and head: a copy must equal what it copies."""
+    if original == HEAD and config.tie_word_embeddings:
+        original = "model.embed_tokens.weight"
+    main = hf_state.get(original)
+    if main is not None and (main.shape != copy.shape or not torch.equal(main, copy.to(main.dtype))):
+        raise InteropError(
+            f"{source}: {name} differs from {original}; deepseek-lm's MTP modules share the main model's "
+            "embedding and head, so it cannot import an MTP layer with its own"
+        )
+
+
+def mtp_layers_present(hf_state: Mapping[str, torch.Tensor], config: DeepSeekConfig) -> int:
+    """How many of the config's MTP layers (L, L + 1, ...) the weights hold, counted from the first."""
+    layers = {int(m.group(1)) for name in hf_state if (m := HF_LAYER_RE.match(name))}
+    return next(
+        (k for k, layer in enumerate(_mtp_layers(config)) if layer not in layers), len(_mtp_layers(config))
+    )
+
+
 def from_hf_state_dict(
     hf_state: Mapping[str, torch.Tensor], config: DeepSeekConfig, source: str
 ) -> dict[str, torch.Tensor]:
@@ -121,7 +167,7 @@ def from_hf_state_dict(
     experts. Names and shapes are checked by the caller (`expected_hf_shapes`, then the model's own)."""
     state: dict[str, torch.Tensor] = {}
     per_expert: dict[tuple[int, str, int], torch.Tensor] = {}
-    for hf_name, tensor in normalize_hf_state(hf_state, config).items():
+    for hf_name, tensor in normalize_hf_state(hf_state, config, source).items():
         name = from_hf_name(hf_name)
         match = PER_EXPERT_RE.match(name)
         if match:
@@ -130,11 +176,18 @@ def from_hf_state_dict(
             state[name] = tensor  # (width-0 shared experts: we build no shared MLP)
     state |= _fuse_experts(per_expert, config, source)
     if config.scoring_func == "softmax":  # a DeepseekV2 checkpoint: no bias; zero changes no routing decision
-        for layer in range(config.first_k_dense_replace, config.num_hidden_layers):
+        for layer in range(
+            config.first_k_dense_replace, config.num_hidden_layers + config.num_nextn_predict_layers
+        ):
             state.setdefault(
                 f"layers.{layer}.mlp.gate.e_score_correction_bias", torch.zeros(config.n_routed_experts)
             )
-    return state
+    L = config.num_hidden_layers  # the MTP layers under our names: layers.{L + j}. -> mtp.{j}.
+    return {LAYER_RE.sub(lambda m: _our_layer_prefix(int(m.group(1)), L), k): v for k, v in state.items()}
+
+
+def _our_layer_prefix(layer: int, L: int) -> str:
+    return f"layers.{layer}." if layer < L else f"mtp.{layer - L}."
 
 
 def _fuse_experts(
@@ -172,26 +225,44 @@ def _fuse_experts(
 # against it, import checks what it reads (so errors name transformers' tensors).
 
 
-def expected_hf_shapes(config: DeepSeekConfig, model_type: str) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a DeepseekV3/V2ForCausalLM checkpoint for `config`, with its shape (per-expert names)."""
+def expected_hf_shapes(
+    config: DeepSeekConfig, model_type: str, shared_copies: bool = True
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a DeepseekV3/V2ForCausalLM checkpoint for `config`, with its shape (per-expert names),
+    with DeepSeek-V3's MTP layers; `shared_copies`: with their copies of the embedding and head."""
     c = config
     H, V = c.hidden_size, c.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
     if not c.tie_word_embeddings:
         shapes[HEAD] = (V, H)
     for i in range(c.num_hidden_layers):
+        shapes |= _block_shapes(c, i, model_type, width_0_shared=True)
+    for i in _mtp_layers(c):  # DeepSeek-V3's MTP layers (vLLM's DeepSeekMTP reads them)
         p = f"model.layers.{i}."
-        shapes |= {f"{p}{k}": s for k, s in _attention_shapes(c).items()}
-        shapes |= {f"{p}input_layernorm.weight": (H,), f"{p}post_attention_layernorm.weight": (H,)}
-        if not c.is_moe_layer(i):
-            shapes |= {f"{p}mlp.{k}": s for k, s in _mlp_shapes(H, c.intermediate_size).items()}
-            continue
-        E, I_ = c.n_routed_experts, c.moe_intermediate_size
-        shapes[f"{p}mlp.gate.weight"] = (E, H)
-        if model_type == "deepseek_v3":
-            shapes[f"{p}mlp.gate.e_score_correction_bias"] = (E,)
-        for e in range(E):
-            shapes |= {f"{p}mlp.experts.{e}.{k}": s for k, s in _mlp_shapes(H, I_).items()}
+        shapes |= _block_shapes(c, i, model_type, width_0_shared=False)
+        shapes |= {f"{p}{k}.weight": (H,) for k in ("enorm", "hnorm", "shared_head.norm")}
+        shapes[f"{p}eh_proj.weight"] = (H, 2 * H)
+        if shared_copies:
+            shapes |= {f"{p}{k}": (V, H) for k in MTP_SHARED_COPIES}
+    return shapes
+
+
+def _block_shapes(
+    c: DeepSeekConfig, i: int, model_type: str, width_0_shared: bool
+) -> dict[str, tuple[int, ...]]:
+    """Layer i's tensors. width_0_shared: transformers builds a shared MLP of width 0 when there is none."""
+    H, p = c.hidden_size, f"model.layers.{i}."
+    shapes = {f"{p}{k}": s for k, s in _attention_shapes(c).items()}
+    shapes |= {f"{p}input_layernorm.weight": (H,), f"{p}post_attention_layernorm.weight": (H,)}
+    if not c.is_moe_layer(i):
+        return shapes | {f"{p}mlp.{k}": s for k, s in _mlp_shapes(H, c.intermediate_size).items()}
+    E, I_ = c.n_routed_experts, c.moe_intermediate_size
+    shapes[f"{p}mlp.gate.weight"] = (E, H)
+    if model_type == "deepseek_v3":
+        shapes[f"{p}mlp.gate.e_score_correction_bias"] = (E,)
+    for e in range(E):
+        shapes |= {f"{p}mlp.experts.{e}.{k}": s for k, s in _mlp_shapes(H, I_).items()}
+    if c.n_shared_experts or width_0_shared:
         shared = _mlp_shapes(H, I_ * c.n_shared_experts)  # transformers fuses the shared experts into one MLP
         shapes |= {f"{p}mlp.shared_experts.{k}": s for k, s in shared.items()}
     return shapes
