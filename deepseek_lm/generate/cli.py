@@ -5,6 +5,7 @@ deepseek-lm generate --checkpoint runs/demo --prompt-file prompts.txt --temperat
 echo "Once upon" | deepseek-lm generate --checkpoint runs/demo --prompt -
 deepseek-lm generate --checkpoint runs/demo --interactive
 deepseek-lm generate --checkpoint runs/demo --prompt "Once" --max-new-tokens 2000 --compile   # long outputs
+deepseek-lm generate --checkpoint runs/mtp --prompt "The" --speculative        # drafts from the MTP module
 deepseek-lm eval --checkpoint runs/demo                  # the training run's validation split
 deepseek-lm eval --checkpoint runs/demo --data notes.md  # any text files
 """
@@ -58,6 +59,13 @@ def _generate_parser() -> ArgumentParser:
         action="store_true",
         help="torch.compile the decode step: ~20 s once per batch size, then faster tokens (long outputs)",
     )
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="self-speculative decoding with the checkpoint's MTP module: same output (greedy) or the same "
+        "distribution (sampling), fewer steps of the main model",
+    )
+    p.add_argument("--draft-tokens", type=int, default=1, help="with --speculative: tokens drafted per round")
     return p
 
 
@@ -76,7 +84,14 @@ def main_generate(argv: list[str]) -> int:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     from deepseek_lm.generate.engine import Engine
 
-    engine = Engine.from_checkpoint(args.checkpoint, device=args.device, compile=args.compile)
+    if args.speculative and args.repetition_penalty != 1:
+        raise UserError("--repetition-penalty is not supported with --speculative; leave it at 1")
+    if args.draft_tokens < 1:
+        raise UserError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    engine = Engine.from_checkpoint(
+        args.checkpoint, device=args.device, compile=args.compile,
+        speculative=args.speculative, draft_tokens=args.draft_tokens,
+    )  # fmt: skip
     if engine.tokenizer is None:  # the library takes token ids; the command line has only text
         raise UserError(
             f"{args.checkpoint} has no tokenizer.json to read and write text with: copy its training data's "

@@ -61,14 +61,32 @@ class Engine:
         print(piece, end="", flush=True)
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        compile: bool = False,
+        speculative: bool = False,
+        draft_tokens: int = 1,
+    ) -> None:
         """`compile`: decode steps through `torch.compile` (model/decode.py): the first `generate` of each
         batch size and cache length compiles (~20 s on a CPU), and every step after it runs ~1.5-1.8× faster
-        (seed preset, batch 1, one CPU thread)."""
+        (seed preset, batch 1, one CPU thread). `speculative`: self-speculative decoding with the model's
+        first MTP module drafting `draft_tokens` tokens per round (generate/speculative.py); greedy output is
+        plain greedy's, sampled output has plain sampling's distribution."""
+        config = model.config
+        if speculative and not config.num_nextn_predict_layers:
+            raise UserError(
+                "speculative decoding needs MTP modules and this model has none (num_nextn_predict_layers=0): "
+                "train with --model.num_nextn_predict_layers 1, or decode without --speculative"
+            )
+        if draft_tokens < 1:
+            raise UserError(f"draft_tokens must be >= 1, got {draft_tokens}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.compile = compile
-        config = model.config
+        self.speculative, self.draft_tokens = speculative, draft_tokens
+        self.speculative_stats: Any = None  # the last speculative call's SpeculativeStats
         self.context_length: int = config.max_position_embeddings
         # the model config's ids win (an imported model carries them); else the tokenizer's own
         special = special_token_ids(tokenizer) if tokenizer is not None else {}
@@ -79,13 +97,19 @@ class Engine:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", compile: bool = False
+        cls, path: str | Path, device: str | torch.device = "cpu", compile: bool = False, **options: Any
     ) -> Engine:
-        """A checkpoint directory, or a run directory (its best checkpoint, else the latest)."""
+        """A checkpoint directory, or a run directory (its best checkpoint, else the latest); `options` as
+        the constructor's (speculative, draft_tokens)."""
         from deepseek_lm.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path, device=device)
-        return cls(ckpt.model, ckpt.tokenizer, compile=compile)
+        if options.get("speculative") and not ckpt.config.num_nextn_predict_layers:
+            raise UserError(
+                f"--speculative: {ckpt.path} has no MTP modules (num_nextn_predict_layers=0); train with "
+                "--model.num_nextn_predict_layers 1 to decode speculatively, or leave out --speculative"
+            )
+        return cls(ckpt.model, ckpt.tokenizer, compile=compile, **options)
 
     @property
     def device(self) -> torch.device:
@@ -186,7 +210,11 @@ class Engine:
             raise UserError("every prompt needs at least one token")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         rows = [self._fit_to_context(r, max_new_tokens, i) for i, r in enumerate(rows)]
-        state = _DecodeState(self, rows, max_new_tokens, sampling, seed, output_logits)
+        state_type = _DecodeState
+        if self.speculative:  # loaded only when asked for (speculative.py builds on this module)
+            from deepseek_lm.generate.speculative import SpeculativeState as state_type
+        state = state_type(self, rows, max_new_tokens, sampling, seed, output_logits)
+        self.speculative_stats = getattr(state, "stats", None)
         streams = None
         if want_stream or stops:
             tokenizer = self._require_tokenizer()
@@ -196,7 +224,7 @@ class Engine:
             state.step(t, last=t == state.steps - 1)
             if streams is not None:
                 yield from _push_text(state, streams, t)
-            if (t + 1) % sync_every == 0 and bool(state.done.all()):
+            if (t + 1) % sync_every == 0 and state.finished(t):
                 break
         if streams is not None:
             yield from ((b, piece) for b, s in enumerate(streams) if (piece := s.finish()))
@@ -304,6 +332,10 @@ class _DecodeState:
         self.logits = self._next_logits(nxt[:, None], self.pos)
         # per-row positions: a finished row stays on its last slot, so it never outgrows the cache
         self.pos = self.pos + 1 if isinstance(self.pos, int) else self.pos + (~self.done).long()
+
+    def finished(self, t: int) -> bool:
+        """Every row done after step t."""
+        return bool(self.done.all())
 
     def completions(self, streams: list[TextStream] | None) -> list[Completion]:
         logits = torch.stack(self.logits_log, dim=1) if self.logits_log else None  # (B, steps, V)

@@ -134,12 +134,38 @@ def sample(
     return ids.gather(-1, _draw(cand, generator)[:, None])[:, 0]
 
 
+def probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The distribution `sample` draws from, (B, V) fp32 over the whole vocabulary: temperature, top-k and
+    top-p applied by the same operations (the same top-k, so ties break the same way); greedy: the argmax's
+    one-hot. (No repetition penalty: it depends on the row's tokens, which the caller applies first.)"""
+    if config.greedy:
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(1, argmax(logits)[:, None], 1.0)
+    logits = logits.float() / config.temperature
+    vocab = logits.size(-1)
+    k = min(config.top_k or vocab, vocab)
+    if k == vocab and config.top_p >= 1.0:
+        return logits.softmax(dim=-1)
+    cand, ids = torch.topk(logits, k, dim=-1)  # (B, k) descending
+    if config.top_p < 1.0:
+        cand = cand.masked_fill(~_nucleus_of_sorted(cand, config.top_p), float("-inf"))
+    return torch.zeros_like(logits).scatter_(1, ids, cand.softmax(dim=-1))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of probs (B, V) (non-negative, not necessarily normalised) -> (B,) long."""
+    return _draw_cdf(probs.to(torch.float64).cumsum(dim=-1), generator)
+
+
 def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row with probability softmax(logits), by inverting the CDF at a uniform draw.
 
     fp64 so that u < cdf[-1] always holds; side="right" never lands on a zero-probability token. (Cheaper
     on CPU than torch.multinomial or the exponential race, both of which draw one random number per token.)
     """
-    cdf = logits.softmax(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # (B, K)
+    return _draw_cdf(logits.softmax(dim=-1, dtype=torch.float64).cumsum(dim=-1), generator)
+
+
+def _draw_cdf(cdf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """cdf (B, K) fp64 -> (B,) the first index whose cumulative mass exceeds a uniform draw below cdf[-1]."""
     u = torch.rand(cdf.size(0), 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.size(-1) - 1)

@@ -190,19 +190,56 @@ def decode_hidden(
     p > pos is hidden when `masked` (needed unless L = the single position + 1 of every row; unmasked, the
     step writes its latents into the last position).
     """
-    cfg, (B, T) = w.config, ids_BT.shape
+    B, T = ids_BT.shape
+    x = _trunk(w, ids_BT, pos_BT, kvs, masked)
+    return _rms_norm(x.view(B, T, -1)[:, -1], w.norm, w.config.rms_norm_eps)
+
+
+def decode_states(
+    w: DecoderWeights, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor], masked: bool
+) -> torch.Tensor:
+    """`decode_hidden` at every position: (B, T, D) final-normed states (speculative verification)."""
+    B, T = ids_BT.shape
+    return _rms_norm(_trunk(w, ids_BT, pos_BT, kvs, masked), w.norm, w.config.rms_norm_eps).view(B, T, -1)
+
+
+@dataclass
+class StepPositions:
+    """Where a step's N = B·T tokens sit, shared by its layers."""
+
+    pos_BT: torch.Tensor  # (B, T) absolute positions
+    cos: torch.Tensor  # (N, 1, dr) rope tables at those positions
+    sin: torch.Tensor
+    rows_B1: torch.Tensor  # (B, 1) row indices, for writing latents
+    hide: torch.Tensor | None  # (B, T, 1, L) True where a position is after the token's own; None unmasked
+
+
+def step_positions(w: DecoderWeights, pos_BT: torch.Tensor, n_positions: int, masked: bool) -> StepPositions:
+    cos, sin = w.rope[:, pos_BT.flatten(), None]  # (N, 1, dr) each
+    dev = pos_BT.device
+    hide = torch.arange(n_positions, device=dev) > pos_BT[..., None, None] if masked else None
+    return StepPositions(pos_BT, cos, sin, torch.arange(pos_BT.shape[0], device=dev)[:, None], hide)
+
+
+def _trunk(w: DecoderWeights, ids_BT, pos_BT, kvs: list[torch.Tensor], masked: bool) -> torch.Tensor:
+    """Every layer over the tokens -> the residual stream (N, D), before the final norm."""
     # the residual stream as (N, D), N = B·T: 2-D products go straight to mm (3-D ones fold and unfold)
     x = F.embedding(ids_BT.flatten(), w.embed)
-    cos, sin = w.rope[:, pos_BT.flatten(), None]  # (N, 1, dr) each
-    hide = None
-    if masked:  # (B, T, 1, L): True where a position is after the token's own
-        hide = torch.arange(kvs[0].shape[1], device=ids_BT.device) > pos_BT[..., None, None]
-    rows_B1 = torch.arange(B, device=ids_BT.device)[:, None]
+    at = step_positions(w, pos_BT, kvs[0].shape[1], masked)
     for attn, ffn, kv in zip(w.attn, w.ffn, kvs):
-        h = _rms_norm(x, None, cfg.rms_norm_eps)  # its weight is in attn.w_in
-        x = x + _attention(attn, cfg, h, cos, sin, kv, rows_B1, pos_BT, hide, w.kv_chunk)
-        x = x + _ffn(ffn, cfg, x, w.route_rows)
-    return _rms_norm(x.view(B, T, -1)[:, -1], w.norm, cfg.rms_norm_eps)
+        x = decoder_layer(w, attn, ffn, x, at, kv)
+    return x
+
+
+def decoder_layer(
+    w: DecoderWeights, attn: _Attention, ffn: _FFN, x: torch.Tensor, at: StepPositions, kv: torch.Tensor
+) -> torch.Tensor:
+    """One block (`attn`, `ffn`: a layer of `w`'s or an MTP module's) over the residual stream x (N, D) with
+    its cache kv (B, L, r + dr) -> x (N, D)."""
+    cfg = w.config
+    h = _rms_norm(x, None, cfg.rms_norm_eps)  # its weight is in attn.w_in
+    x = x + _attention(attn, cfg, h, at.cos, at.sin, kv, at.rows_B1, at.pos_BT, at.hide, w.kv_chunk)
+    return x + _ffn(ffn, cfg, x, w.route_rows)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -338,17 +375,26 @@ def _pack(weight_MK: torch.Tensor | None, batch_size: int | None) -> torch.Tenso
 
 
 _KV_CHUNK = 256  # positions per slice of a batch-invariant decoder's attention (`_values`)
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[tuple[Callable, str], Callable] = {}
 
 
-def _compiled_hidden(device_type: str) -> Callable:
-    """One compiled `decode_hidden` per device type, shared by all decoders (graphs keyed by shapes only).
-    The head stays outside the graph: one product, and from 3 rows on a CPU oneDNN's (`_pack`)."""
-    if device_type not in _COMPILED:
+def compiled(step: Callable, device_type: str) -> Callable:
+    """One compiled `step` (`decode_hidden`, ...) per device type, shared by all decoders (graphs keyed by
+    shapes only). The head stays outside the graph: one product, and from 3 rows on a CPU oneDNN's (`_pack`)."""
+    if (step, device_type) not in _COMPILED:
         # a CPU step is ~130 tiny kernels: the C++ wrapper calls them without Python in between
         options = {"cpp_wrapper": True} if device_type == "cpu" else None
-        _COMPILED[device_type] = torch.compile(decode_hidden, fullgraph=True, dynamic=False, options=options)
-    return _COMPILED[device_type]
+        _COMPILED[step, device_type] = torch.compile(step, fullgraph=True, dynamic=False, options=options)
+    return _COMPILED[step, device_type]
+
+
+def dense_experts(cfg: DeepSeekConfig, rows: int, compile: bool) -> bool:
+    """Whether a step of `rows` tokens runs every routed expert of a layer (with zero gates) rather than
+    each token's K gathered. Gathering pays while the B·K chosen experts are fewer than all E: compiled,
+    inductor turns a product of one row per matrix into a generated reduction that reads the chosen experts
+    in place (on a CPU; 1.76 against 2.04 ms per seed step at batch 1); eager, index_select copies them
+    first, about a second read, so there only while they are under half."""
+    return rows * cfg.num_experts_per_tok * (1 if compile else 2) >= cfg.n_routed_experts
 
 
 class Decoder:
@@ -375,12 +421,7 @@ class Decoder:
         if compile and batch_invariant:
             raise ValueError("a compiled decoder picks its kernels per shape: it cannot be batch-invariant")
         self.compile = compile
-        # gathering pays while the B·K chosen experts are fewer than all E: compiled, inductor turns a
-        # product of one row per matrix into a generated reduction that reads the chosen experts in place
-        # (on a CPU; 1.76 against 2.04 ms per seed step at batch 1); eager, index_select copies them
-        # first, about a second read, so there only while they are under half
-        reads = batch_size * cfg.num_experts_per_tok * (1 if compile else 2)
-        dense = reads >= cfg.n_routed_experts
+        self.dense = dense = dense_experts(cfg, batch_size, compile)
         # oneDNN's products (`_pack`): the head from 3 rows; the SwiGLUs too outside compiled graphs, which
         # cannot hold them; every product when batch-invariant
         rows = max(batch_size, 3) if batch_invariant else batch_size
@@ -407,14 +448,14 @@ class Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., D) -> logits (..., V)."""
-        return _head(self.weights, hidden)
+        return _head(self.weights, hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
 
     @torch.no_grad()
     def step(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor]) -> torch.Tensor:
         """Logits (B, V) after ids (B, T) at positions pos_BT (B, T), attending under the causal mask to all
         of `kvs` (per layer (B, L, r + dr), the tokens' latents written into it): the caller picks the
         rows and L, e.g. cache slots and a length that does not change a row's numbers (serve's batching)."""
-        hidden = _compiled_hidden(ids_BT.device.type) if self.compile else decode_hidden
+        hidden = compiled(decode_hidden, ids_BT.device.type) if self.compile else decode_hidden
         return _head(self.weights, hidden(self.weights, ids_BT, pos_BT, kvs, True))
 
     @torch.no_grad()
@@ -425,7 +466,7 @@ class Decoder:
         if start is not None:  # one start for all rows
             pos_BT = torch.arange(start, end, device=ids.device).expand(B, T)
         if self.compile:  # static shapes and strides (a graph per layout): the whole cache, masked
-            hidden = _compiled_hidden(ids.device.type)
+            hidden = compiled(decode_hidden, ids.device.type)
             return _head(
                 self.weights, hidden(self.weights, ids.contiguous(), pos_BT.contiguous(), cache.kv, True)
             )

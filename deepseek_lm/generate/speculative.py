@@ -1,0 +1,235 @@
+"""Self-speculative decoding with the model's own MTP module: `Engine(model, tokenizer, speculative=True)`.
+
+The first MTP module (model/mtp.py) drafts D tokens; the main model verifies them all in one forward, and
+each round gives 1 + a tokens per row (a drafts accepted), distributed exactly as plain decoding's:
+1. verify: the main model runs over [last token, d_1 .. d_D] at positions P .. P + D of the latent cache in
+   one forward (model/draft.py `SpeculativeDecoder.verify`), giving D + 1 next-token distributions
+   p_0 .. p_D under the sampling transforms (temperature, top-k, top-p; sampling.py `probabilities`).
+2. accept: greedy keeps the longest prefix of drafts equal to the argmaxes, and the argmax after it; so the
+   output is plain greedy's, token for token. Sampling keeps d_j with probability min(1, p_j(d_j) / q_j(d_j))
+   in order (q_j: the draft's distribution under the same transforms) and draws the token at the first
+   rejected position from normalise(max(0, p_j - q_j)), or from p_D when all D are kept: each token is then
+   distributed as p, whatever q (Leviathan et al. 2023, Chen et al. 2023). A seed fixes the output, which is
+   not plain sampling's with the same seed (the draws differ).
+3. draft: the MTP module runs over the D + 1 verified pairs (h_{P+j}, t_{P+j+1}) in one forward, which
+   writes its cache; its state at the last accepted position gives d'_1 (argmax, or a draw from q'_1). For
+   D > 1 the module is chained on its own normed state and draft, one position further each (as SGLang's
+   NextN and vLLM's MTP proposer do with DeepSeek-V3's single module).
+Rollback copies nothing: the positions of rejected drafts are not advanced, so the next round overwrites
+their latents, in both caches, before anything attends to them (the caches are position-indexed and masked).
+
+The prompt is prefilled in one forward that keeps every position's state; the module then runs over the
+prompt's pairs and the first token, which fills its cache and gives the first draft. Stop strings, the end of
+text and the end of the context end a row as in plain decoding: a round's tokens are kept up to the first
+end. The repetition penalty is not supported (it would make p depend on each draft's own prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deepseek_lm.errors import UserError
+from deepseek_lm.generate.engine import _COMPILED_CACHE_MULTIPLE, _DecodeState, _right_pad
+from deepseek_lm.generate.sampling import SamplingConfig, argmax, draw, make_generator, probabilities, sample
+from deepseek_lm.model.draft import SpeculativeDecoder
+from deepseek_lm.model.mla import make_positions
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts over one `generate` call (rows still decoding only)."""
+
+    rounds: int = 0  # verification forwards
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # of them accepted
+    histogram: list[int] = field(default_factory=list)  # row-rounds that accepted 0 .. D drafts
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Where a rejected draft's replacement is drawn from: max(0, p - q) (B, V), unnormalised; p itself where
+    that is all zero (p = q up to rounding, where a rejection has probability ~0)."""
+    r = (p - q).clamp_(min=0)
+    return torch.where(r.sum(-1, keepdim=True) > 0, r, p)
+
+
+class SpeculativeState(_DecodeState):
+    """`_DecodeState` (engine.py) with rounds of drafts and verification instead of one token per step.
+
+    Token t of a row is ready once the row has written t + 1 tokens: `step(t)` runs rounds until every
+    decoding row has, and rows ahead keep their extra tokens. B rows, D drafts per round."""
+
+    def __init__(self, engine: Any, rows: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
+                 seed: int | None, output_logits: bool) -> None:  # fmt: skip
+        if sampling.repetition_penalty != 1:
+            raise UserError("--repetition-penalty is not supported with speculative decoding; leave it at 1")
+        model, device, D = engine.model, engine.device, engine.draft_tokens
+        self.model, self.tokenizer, self.sampling, self.drafts_per_round = (
+            model,
+            engine.tokenizer,
+            sampling,
+            D,
+        )
+        self.eos, self.pad, self.max_new_tokens = engine.eos_token_id, engine.pad_token_id, max_new_tokens
+        self.lengths = [len(r) for r in rows]
+        B, ctx = len(rows), engine.context_length
+        self.budget = [min(max_new_tokens, ctx - n) for n in self.lengths]
+        self.steps = max(self.budget)
+        # a round writes up to D positions past a row's last token: room for them past the last one kept
+        cache_len = min(max(self.lengths) + max_new_tokens, ctx) + D
+        if engine.compile:  # compiled steps are specialised to the cache length: round it so calls share them
+            cache_len = -(-cache_len // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
+        self.decoder = SpeculativeDecoder(model, B, D + 1, compile=engine.compile)
+        self.cache, self.draft_kv = (
+            model.new_cache(B, cache_len, device=device),
+            self.decoder.new_draft_cache(cache_len),
+        )
+        self.generator = make_generator(seed, device)
+        width = max(self.steps, 1) + D + 1  # a round may write D + 1 tokens past the last one needed
+        self.out = torch.full((B, width), self.pad, dtype=torch.long, device=device)
+        self.n = torch.zeros(B, dtype=torch.long, device=device)  # tokens written per row
+        self.done = torch.tensor([n <= 0 for n in self.budget], device=device)
+        self.budget_t = torch.tensor(self.budget, device=device)
+        self.ended: set[int] = set()
+        self.stopped_at: dict[int, int] = {}
+        self.logits_log: list[torch.Tensor] | None = None
+        self.logits_out = (
+            torch.zeros(B, width, model.config.vocab_size, device=device) if output_logits else None
+        )
+        self.seen = None
+        self.stats = SpeculativeStats(histogram=[0] * (D + 1))
+        self.rows = torch.arange(B, device=device)
+        self._prefill(_right_pad(rows, self.pad, device))
+
+    def _prefill(self, prompt: torch.Tensor) -> None:
+        """The prompts in one forward, keeping every position's state for the MTP module's prefill."""
+        self.prompt = prompt
+        self.prompt_states = self.model(prompt, cache=self.cache, start_pos=0, return_hidden=True).hidden
+        self.pos = torch.tensor(self.lengths, device=prompt.device)  # position of each row's newest token
+        self.logits = self.decoder.logits(self.prompt_states[self.rows, self.pos - 1])  # (B, V)
+
+    # the engine's interface --------------------------------------------------------------------------------
+
+    def step(self, t: int, last: bool) -> None:
+        """Make token t of every decoding row available in `out` (`last`: no token is needed after it)."""
+        if t == 0:
+            self._first_token(last)
+            return
+        while bool(((self.n <= t) & ~self.done).any()):
+            self._round()
+
+    def finished(self, t: int) -> bool:
+        return bool(self.done.all()) and t + 1 >= int(self.n.max())
+
+    def completions(self, streams):
+        if self.logits_out is not None:
+            self.logits_log = list(self.logits_out.unbind(1))
+        return super().completions(streams)
+
+    # rounds ------------------------------------------------------------------------------------------------
+
+    def _first_token(self, last: bool) -> None:
+        """Token 0 from the prefill's logits, as plain decoding; then the MTP module over the prompt."""
+        y0 = sample(self.logits.float(), self.sampling, self.generator)  # (B,)
+        self._emit(y0[:, None], torch.zeros_like(self.n), self.logits[:, None])
+        if last or bool(self.done.all()):
+            return
+        # the module's pairs (h_i, t_{i+1}): the prompt shifted by one, then the first token at the row's end
+        ids = torch.cat((self.prompt[:, 1:], self.prompt[:, :1]), dim=1).scatter_(
+            1, self.pos[:, None] - 1, y0[:, None]
+        )
+        module = self.model.mtp[0]
+        at = make_positions(self.model.rope, *ids.shape, 0, True, self.draft_kv.shape[1])
+        states, _, _ = module(self.prompt_states, self.model.embed_tokens(ids), at, self.draft_kv)
+        self.last = y0
+        self._chain(states[self.rows, self.pos - 1])
+        del self.prompt, self.prompt_states
+
+    def _round(self) -> None:
+        """Verify last + drafts, accept, write the tokens, then draft the next round's tokens."""
+        D, P = self.drafts_per_round, self.pos
+        ids = torch.cat((self.last[:, None], self.drafts), dim=1)  # (B, D + 1)
+        pos_BT = P[:, None] + torch.arange(D + 1, device=P.device)
+        end = int(P.max()) + D + 1
+        states = self.decoder.verify(ids, self.cache, pos_BT, end)  # (B, D + 1, D_model)
+        logits = self.decoder.logits(states).float()  # (B, D + 1, V)
+        y, accepted = self._accept(logits)  # (B, D + 1) tokens, (B,) drafts kept
+        active = ~self.done
+        self._record(accepted, active)
+        written = self._emit(y, accepted, logits)
+        # the module over the verified pairs (h_{P+j}, t_{P+j+1}); the state at the last kept position drafts
+        states = self.decoder.draft(y, states, self.draft_kv, pos_BT, end)
+        self.last = y[self.rows, accepted]
+        self.pos = P + written
+        self._chain(states[self.rows, accepted])
+
+    def _accept(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens (B, D + 1): the kept drafts, then the token after them (later columns: rejected drafts);
+        and how many drafts each row keeps (B,)."""
+        B, T, V = logits.shape
+        if self.sampling.greedy:
+            y = argmax(logits.view(B * T, V)).view(B, T)
+            return y, (self.drafts == y[:, :-1]).cumprod(1).sum(1)
+        p = probabilities(logits.view(B * T, V), self.sampling).view(B, T, V)
+        d, q = self.drafts, self.q  # (B, D), (B, D, V)
+        p_d, q_d = p[:, :-1].gather(2, d[..., None])[..., 0], q.gather(2, d[..., None])[..., 0]
+        u = torch.rand(d.shape, generator=self.generator, dtype=torch.float64, device=d.device)
+        accepted = (u * q_d < p_d).cumprod(1).sum(1)  # keep d_j with probability min(1, p / q)
+        p_a = p[self.rows, accepted]  # (B, V) at the first rejection, or p_D
+        q_a = torch.cat((q, torch.zeros_like(q[:, :1])), dim=1)[self.rows, accepted]  # zero past the drafts
+        y = torch.cat((d, d[:, :1]), dim=1)
+        y[self.rows, accepted] = draw(residual(p_a, q_a), self.generator)
+        return y, accepted
+
+    def _chain(self, state: torch.Tensor) -> None:
+        """Drafts d_1 .. d_D (and their distributions) from the module's state after the newest token:
+        d_1 from `state`, then the module on (its state, its draft) one position further per draft."""
+        drafts, qs, pos = [], [], self.pos - 1  # the state belongs to the position before the newest token
+        for k in range(self.drafts_per_round):
+            if k:
+                end = int(pos.max()) + 2
+                state = self.decoder.draft(
+                    drafts[-1][:, None], state[:, None], self.draft_kv, pos[:, None] + 1, end
+                )[:, 0]
+                pos = pos + 1
+            logits = self.decoder.logits(state).float()
+            if self.sampling.greedy:
+                drafts.append(argmax(logits))
+            else:
+                qs.append(probabilities(logits, self.sampling))
+                drafts.append(draw(qs[-1], self.generator))
+        self.drafts = torch.stack(drafts, dim=1)  # (B, D)
+        self.q = torch.stack(qs, dim=1) if qs else None  # (B, D, V)
+
+    def _emit(self, y: torch.Tensor, accepted: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Write each decoding row's tokens y[:, :accepted + 1] (B, T), cut at the end of text and at its
+        budget; -> how many each row wrote (B,)."""
+        j = torch.arange(y.shape[1], device=y.device)
+        cols = self.n[:, None] + j  # (B, T)
+        keep = (j <= accepted[:, None]) & ~self.done[:, None] & (cols < self.budget_t[:, None])
+        if self.eos is not None:
+            ends = (y == self.eos) & keep
+            keep &= j <= torch.where(ends.any(1), ends.float().argmax(1), y.shape[1])[:, None]
+            self.done |= ends.any(1)
+        rows = self.rows[:, None].expand_as(cols)
+        self.out[rows[keep], cols[keep]] = y[keep]
+        if self.logits_out is not None:
+            self.logits_out[rows[keep], cols[keep]] = logits[keep].to(self.logits_out.dtype)
+        written = keep.sum(1)
+        self.n += written
+        self.done |= self.n >= self.budget_t
+        return written
+
+    def _record(self, accepted: torch.Tensor, active: torch.Tensor) -> None:
+        counts = torch.bincount(accepted[active], minlength=self.drafts_per_round + 1).tolist()
+        s = self.stats
+        s.rounds += 1
+        s.drafted += int(active.sum()) * self.drafts_per_round
+        s.accepted += int(accepted[active].sum())
+        s.histogram = [a + b for a, b in zip(s.histogram, counts)]

@@ -1,0 +1,139 @@
+"""Self-speculative decoding's steps: verification of several tokens per row, and MTP draft steps.
+
+`SpeculativeDecoder` extends decode.py's `Decoder` (the same rearranged weights and layer code) with
+- `verify`: the main model over (B, T) tokens at per-row positions, returning the final-normed states of
+  every position (decode.py's `decode_states`), from which the head gives the T next-token distributions;
+- `draft`: the first MTP module (mtp.py) as one more decoder layer over its own one-layer latent cache:
+  eh_proj of [enorm(Emb(token)) ; hnorm(state)], the block, shared_head.norm. Its enorm and hnorm weights are
+  folded into eh_proj's two halves, as decode.py folds every norm into the product after it.
+
+The draft cache follows positions like the main cache: at position i it holds the module's latent for the
+pair (main state h_i, token t_{i+1}), the pair the module was trained on at position i. Draft steps made
+ahead of the verified tokens (chained drafts, or the pairs of rejected tokens) write provisional entries at
+later positions; they are hidden by the mask until the verified pairs overwrite them, so rejected drafts are
+rolled back by not advancing the positions, in both caches.
+
+Both steps are functions of tensors with static shapes, so `compile=True` runs them through torch.compile
+(one graph per batch size, tokens per row and cache length), up to the head, as decode.py's step.
+
+Legend: B rows, T tokens per row, N = B·T, D hidden, V vocabulary, L cache positions attended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from deepseek_lm.model.decode import (
+    _FFN,
+    Decoder,
+    DecoderWeights,
+    _Attention,
+    _attention_weights,
+    _ffn_weights,
+    _rms_norm,
+    compiled,
+    decode_states,
+    decoder_layer,
+    dense_experts,
+    step_positions,
+)
+from deepseek_lm.model.mla import LatentCache
+from deepseek_lm.model.mtp import MTPModule
+from deepseek_lm.model.transformer import DeepSeekLM
+
+
+@dataclass
+class DraftWeights:
+    """An MTP module rearranged like a decoder layer."""
+
+    w_e: torch.Tensor  # (D, D): eh_proj's embedding half with enorm's weight folded in, transposed
+    w_h: torch.Tensor  # (D, D): its hidden-state half with hnorm's weight folded in
+    attn: _Attention
+    ffn: _FFN
+    norm: torch.Tensor  # (D,) shared_head.norm
+
+
+def _draft_weights(module: MTPModule, dense: bool) -> DraftWeights:
+    D = module.enorm.weight.shape[0]
+    w = module.eh_proj.weight  # (D, 2D): [embedding half | hidden half], the order of the concatenation
+    return DraftWeights(
+        w_e=(w[:, :D] * module.enorm.weight).t().contiguous(),
+        w_h=(w[:, D:] * module.hnorm.weight).t().contiguous(),
+        attn=_attention_weights(module.self_attn, module.input_layernorm.weight),
+        ffn=_ffn_weights(module.mlp, module.post_attention_layernorm.weight, dense),
+        norm=module.shared_head.norm.weight.clone(),
+    )
+
+
+def draft_states(
+    w: DecoderWeights,
+    d: DraftWeights,
+    ids_BT: torch.Tensor,
+    h_BTD: torch.Tensor,
+    pos_BT: torch.Tensor,
+    kv: torch.Tensor,
+    masked: bool,
+) -> torch.Tensor:
+    """The MTP module over pairs (state h, token one position ahead) at positions pos_BT, writing its latents
+    into kv (B, L, r + dr) -> its normed states (B, T, D); the head of the state at i drafts t_{i+2}."""
+    B, T = ids_BT.shape
+    eps = w.config.rms_norm_eps
+    e_ND = F.embedding(ids_BT.flatten(), w.embed)
+    x = _rms_norm(e_ND, None, eps) @ d.w_e + _rms_norm(h_BTD.reshape(B * T, -1), None, eps) @ d.w_h
+    x = decoder_layer(d.attn, d.ffn, w.config, x, step_positions(w, pos_BT, kv.shape[1], masked), kv)
+    return _rms_norm(x, d.norm, eps).view(B, T, -1)
+
+
+class SpeculativeDecoder(Decoder):
+    """`Decoder` for `batch_size` rows of `tokens_per_row` tokens per verification, plus the first MTP
+    module's draft steps. Positions are (B, T) long tensors; `end` bounds the cache positions an eager step
+    attends to (the largest position + 1); compiled steps attend to the whole cache under the mask."""
+
+    def __init__(
+        self, model: DeepSeekLM, batch_size: int, tokens_per_row: int, compile: bool = False
+    ) -> None:
+        if not model.mtp:
+            raise ValueError(
+                "speculative decoding needs a model with MTP modules (num_nextn_predict_layers > 0)"
+            )
+        # verification's B·T rows decide which MoE layers run dense and the head's layout
+        super().__init__(model, batch_size * tokens_per_row, compile)
+        with torch.no_grad():
+            self.draft_weights = _draft_weights(
+                model.mtp[0], dense_experts(model.config, batch_size, compile)
+            )
+        # A row's last token can sit at the last position of the context, its drafts past it. Their results
+        # are never kept (every row stops at the context's end), but they need rope rows: the last one's.
+        rope = self.weights.rope
+        self.weights.rope = torch.cat((rope, rope[:, -1:].expand(-1, tokens_per_row, -1)), dim=1)
+        self.batch_size = batch_size
+        self.kv_width = model.config.kv_lora_rank + model.config.qk_rope_head_dim
+
+    def new_draft_cache(self, max_len: int) -> torch.Tensor:
+        """The MTP module's latent cache (B, max_len, r + dr), like one layer of a `LatentCache`."""
+        e = self.weights.embed
+        return torch.zeros(self.batch_size, max_len, self.kv_width, device=e.device, dtype=e.dtype)
+
+    @torch.no_grad()
+    def verify(
+        self, ids_BT: torch.Tensor, cache: LatentCache, pos_BT: torch.Tensor, end: int
+    ) -> torch.Tensor:
+        """The main model over ids (B, T) at pos_BT -> final-normed states (B, T, D) of every position."""
+        if self.compile:
+            step = compiled(decode_states, ids_BT.device.type)
+            return step(self.weights, ids_BT.contiguous(), pos_BT.contiguous(), cache.kv, True)
+        return decode_states(self.weights, ids_BT, pos_BT, [kv[:, :end] for kv in cache.kv], True)
+
+    @torch.no_grad()
+    def draft(
+        self, ids_BT: torch.Tensor, h_BTD: torch.Tensor, kv: torch.Tensor, pos_BT: torch.Tensor, end: int
+    ) -> torch.Tensor:
+        """The MTP module over (h_BTD, ids_BT) pairs at pos_BT -> its normed states (B, T, D)."""
+        w, d = self.weights, self.draft_weights
+        if self.compile:
+            step = compiled(draft_states, ids_BT.device.type)
+            return step(w, d, ids_BT.contiguous(), h_BTD.contiguous(), pos_BT.contiguous(), kv, True)
+        return draft_states(w, d, ids_BT, h_BTD, pos_BT, kv[:, :end], True)
