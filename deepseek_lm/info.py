@@ -20,8 +20,8 @@ def _parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="deepseek-lm info",
         exit_on_error=False,
-        description="Parameter counts (total, activated per token, embedding) and training FLOPs per token "
-        "of a model preset (default: seed) or of a checkpoint.",
+        description="Parameter counts (total, activated per token, embedding; multi-token-prediction modules "
+        "apart) and training FLOPs per token of a model preset (default: seed) or of a checkpoint.",
     )
     p.add_argument("--preset", type=str | None, default=None, help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--checkpoint", type=str | None, default=None, help="a checkpoint or run directory")
@@ -39,12 +39,15 @@ def describe(config: DeepSeekConfig, seq_len: int | None = None) -> dict:
     seq_len = seq_len or config.max_position_embeddings
     counts = model.param_counts()
     cache_bytes = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
+    mtp = config.num_nextn_predict_layers
     return dict(
         **counts,
         non_embedding=counts["total"] - counts["embedding"],
         seq_len=seq_len,
         flops_per_token=model.flops_per_token(seq_len),
         kv_cache_bytes_per_token_bf16=cache_bytes,
+        mtp_modules=mtp,
+        mtp_cache_bytes_per_token_bf16=(config.kv_lora_rank + config.qk_rope_head_dim) * 2 if mtp else 0,
     )
 
 
@@ -63,6 +66,13 @@ def _table(title: str, config: DeepSeekConfig, info: dict) -> str:
         ("MoE", f"{c.n_shared_experts} shared + {c.n_routed_experts} routed experts of {c.moe_intermediate_size}, top-{c.num_experts_per_tok}, {c.scoring_func}"),
         ("vocabulary, context", f"{c.vocab_size:,}, {c.max_position_embeddings:,}"),
     ]  # fmt: skip
+    if info["mtp_modules"]:
+        rows += [
+            ("MTP modules", f"{info['mtp_modules']}: {info['mtp']:,} parameters ({info['mtp_activated']:,} activated per token), "
+             "used only by training and speculative decoding; not in the counts above"),
+            ("", f"share the embedding and head; FLOPs above include them; drafting caches "
+             f"{info['mtp_cache_bytes_per_token_bf16']:,} more bytes per token"),
+        ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])
 

@@ -18,8 +18,19 @@ def test_info_json_matches_the_model(capsys):
     assert main(["info", "--preset", "tiny", "--json", "--seq-len", "128"]) == 0
     info = json.loads(capsys.readouterr().out)
     model = get_model(DeepSeekConfig.from_preset("tiny"))
-    assert {k: info[k] for k in ("total", "activated", "embedding")} == model.param_counts()
+    assert {k: info[k] for k in model.param_counts()} == model.param_counts()
     assert info["flops_per_token"] == model.flops_per_token(128)
+
+
+def test_info_reports_mtp_modules_apart(tmp_path, capsys):
+    config = DeepSeekConfig.from_preset("tiny", num_nextn_predict_layers=1)
+    save_model_dir(tmp_path / "ckpt", get_model(config))
+    assert main(["info", "--checkpoint", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    counts = get_model(config).param_counts()
+    assert counts["total"] == get_model(DeepSeekConfig.from_preset("tiny")).param_counts()["total"]
+    assert f"MTP modules               1: {counts['mtp']:,} parameters" in out
+    assert "used only by training and speculative decoding" in out
 
 
 def test_info_from_a_checkpoint(tmp_path, capsys):
