@@ -176,6 +176,7 @@ def tiny_vocabulary_model() -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow  # 4 × 4,000 sampled rows: a few seconds each on 2 cores
 @pytest.mark.parametrize(
     "config",
     [SamplingConfig(temperature=1.0, top_k=None), SamplingConfig(temperature=0.7, top_k=4, top_p=0.9)],

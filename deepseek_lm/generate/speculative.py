@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from deepseek_lm.errors import UserError
@@ -63,20 +64,18 @@ class SpeculativeState(_DecodeState):
     """`_DecodeState` (engine.py) with rounds of drafts and verification instead of one token per step.
 
     Token t of a row is ready once the row has written t + 1 tokens: `step(t)` runs rounds until every
-    decoding row has, and rows ahead keep their extra tokens. B rows, D drafts per round."""
+    decoding row has, and rows ahead keep their extra tokens. The bookkeeping (tokens written, positions,
+    finished rows) lives on the host in numpy arrays: a round reads its accepted tokens back once, and the
+    rest is host arithmetic instead of a hundred small tensor operations. B rows, D drafts per round."""
 
     def __init__(self, engine: Any, rows: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
                  seed: int | None, output_logits: bool) -> None:  # fmt: skip
         if sampling.repetition_penalty != 1:
             raise UserError("--repetition-penalty is not supported with speculative decoding; leave it at 1")
         model, device, D = engine.model, engine.device, engine.draft_tokens
-        self.model, self.tokenizer, self.sampling, self.drafts_per_round = (
-            model,
-            engine.tokenizer,
-            sampling,
-            D,
-        )
+        self.model, self.tokenizer, self.sampling, self.device = model, engine.tokenizer, sampling, device
         self.eos, self.pad, self.max_new_tokens = engine.eos_token_id, engine.pad_token_id, max_new_tokens
+        self.drafts_per_round = D
         self.lengths = [len(r) for r in rows]
         B, ctx = len(rows), engine.context_length
         self.budget = [min(max_new_tokens, ctx - n) for n in self.lengths]
@@ -86,22 +85,19 @@ class SpeculativeState(_DecodeState):
         if engine.compile:  # compiled steps are specialised to the cache length: round it so calls share them
             cache_len = -(-cache_len // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
         self.decoder = SpeculativeDecoder(model, B, D + 1, compile=engine.compile)
-        self.cache, self.draft_kv = (
-            model.new_cache(B, cache_len, device=device),
-            self.decoder.new_draft_cache(cache_len),
-        )
+        self.cache = model.new_cache(B, cache_len, device=device)
+        self.draft_kv = self.decoder.new_draft_cache(cache_len)
         self.generator = make_generator(seed, device)
         width = max(self.steps, 1) + D + 1  # a round may write D + 1 tokens past the last one needed
-        self.out = torch.full((B, width), self.pad, dtype=torch.long, device=device)
-        self.n = torch.zeros(B, dtype=torch.long, device=device)  # tokens written per row
-        self.done = torch.tensor([n <= 0 for n in self.budget], device=device)
-        self.budget_t = torch.tensor(self.budget, device=device)
+        self.out = np.full((B, width), self.pad, dtype=np.int64)  # what the engine reads, as _DecodeState's
+        self.n = np.zeros(B, dtype=np.int64)  # tokens written per row
+        self.budget_np = np.array(self.budget, dtype=np.int64)
+        self.done = self.budget_np <= 0
         self.ended: set[int] = set()
         self.stopped_at: dict[int, int] = {}
         self.logits_log: list[torch.Tensor] | None = None
-        self.logits_out = (
-            torch.zeros(B, width, model.config.vocab_size, device=device) if output_logits else None
-        )
+        V = model.config.vocab_size
+        self.logits_out = torch.zeros(B, width, V, device=device) if output_logits else None
         self.seen = None
         self.stats = SpeculativeStats(histogram=[0] * (D + 1))
         self.rows = torch.arange(B, device=device)
@@ -111,8 +107,9 @@ class SpeculativeState(_DecodeState):
         """The prompts in one forward, keeping every position's state for the MTP module's prefill."""
         self.prompt = prompt
         self.prompt_states = self.model(prompt, cache=self.cache, start_pos=0, return_hidden=True).hidden
-        self.pos = torch.tensor(self.lengths, device=prompt.device)  # position of each row's newest token
-        self.logits = self.decoder.logits(self.prompt_states[self.rows, self.pos - 1])  # (B, V)
+        self.pos = np.array(self.lengths, dtype=np.int64)  # position of each row's newest token
+        last = torch.tensor(self.lengths, device=prompt.device) - 1
+        self.logits = self.decoder.logits(self.prompt_states[self.rows, last])  # (B, V)
 
     # the engine's interface --------------------------------------------------------------------------------
 
@@ -121,7 +118,7 @@ class SpeculativeState(_DecodeState):
         if t == 0:
             self._first_token(last)
             return
-        while bool(((self.n <= t) & ~self.done).any()):
+        while ((self.n <= t) & ~self.done).any():
             self._round()
 
     def finished(self, t: int) -> bool:
@@ -134,35 +131,36 @@ class SpeculativeState(_DecodeState):
 
     # rounds ------------------------------------------------------------------------------------------------
 
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
+
     def _first_token(self, last: bool) -> None:
         """Token 0 from the prefill's logits, as plain decoding; then the MTP module over the prompt."""
         y0 = sample(self.logits.float(), self.sampling, self.generator)  # (B,)
-        self._emit(y0[:, None], torch.zeros_like(self.n), self.logits[:, None])
-        if last or bool(self.done.all()):
+        self._emit(y0[:, None].cpu().numpy(), np.zeros_like(self.n), self.logits[:, None])
+        if last or self.done.all():
             return
         # the module's pairs (h_i, t_{i+1}): the prompt shifted by one, then the first token at the row's end
-        ids = torch.cat((self.prompt[:, 1:], self.prompt[:, :1]), dim=1).scatter_(
-            1, self.pos[:, None] - 1, y0[:, None]
-        )
-        module = self.model.mtp[0]
+        ids = torch.cat((self.prompt[:, 1:], self.prompt[:, :1]), dim=1)
+        ids.scatter_(1, self._tensor(self.pos - 1)[:, None], y0[:, None])
         at = make_positions(self.model.rope, *ids.shape, 0, True, self.draft_kv.shape[1])
-        states, _, _ = module(self.prompt_states, self.model.embed_tokens(ids), at, self.draft_kv)
+        states, _, _ = self.model.mtp[0](self.prompt_states, self.model.embed_tokens(ids), at, self.draft_kv)
         self.last = y0
-        self._chain(states[self.rows, self.pos - 1])
+        self._chain(states[self.rows, self._tensor(self.pos - 1)])
         del self.prompt, self.prompt_states
 
     def _round(self) -> None:
         """Verify last + drafts, accept, write the tokens, then draft the next round's tokens."""
-        D, P = self.drafts_per_round, self.pos
-        ids = torch.cat((self.last[:, None], self.drafts), dim=1)  # (B, D + 1)
-        pos_BT = P[:, None] + torch.arange(D + 1, device=P.device)
-        end = int(P.max()) + D + 1
-        states = self.decoder.verify(ids, self.cache, pos_BT, end)  # (B, D + 1, D_model)
-        logits = self.decoder.logits(states).float()  # (B, D + 1, V)
-        y, accepted = self._accept(logits)  # (B, D + 1) tokens, (B,) drafts kept
-        active = ~self.done
-        self._record(accepted, active)
-        written = self._emit(y, accepted, logits)
+        T, P = self.drafts_per_round + 1, self.pos
+        ids = torch.cat((self.last[:, None], self.drafts), dim=1)  # (B, T)
+        pos_BT = self._tensor(P[:, None] + np.arange(T))
+        end = int(P.max()) + T
+        states = self.decoder.verify(ids, self.cache, pos_BT, end)  # (B, T, D_model)
+        logits = self.decoder.logits(states)  # (B, T, V)
+        y, accepted = self._accept(logits)  # (B, T) tokens, (B,) drafts kept
+        host = torch.cat((y, accepted[:, None]), dim=1).cpu().numpy()  # the round's one read-back
+        self._record(host[:, -1])
+        written = self._emit(host[:, :-1], host[:, -1], logits)
         # the module over the verified pairs (h_{P+j}, t_{P+j+1}); the state at the last kept position drafts
         states = self.decoder.draft(y, states, self.draft_kv, pos_BT, end)
         self.last = y[self.rows, accepted]
@@ -190,15 +188,16 @@ class SpeculativeState(_DecodeState):
     def _chain(self, state: torch.Tensor) -> None:
         """Drafts d_1 .. d_D (and their distributions) from the module's state after the newest token:
         d_1 from `state`, then the module on (its state, its draft) one position further per draft."""
-        drafts, qs, pos = [], [], self.pos - 1  # the state belongs to the position before the newest token
+        drafts, qs = [], []
         for k in range(self.drafts_per_round):
-            if k:
-                end = int(pos.max()) + 2
+            if k:  # draft k + 1 is made at the newest token's position + k - 1
+                pos = self.pos + k - 1
+                at = self._tensor(pos[:, None])
                 state = self.decoder.draft(
-                    drafts[-1][:, None], state[:, None], self.draft_kv, pos[:, None] + 1, end
-                )[:, 0]
-                pos = pos + 1
-            logits = self.decoder.logits(state).float()
+                    drafts[-1][:, None], state[:, None], self.draft_kv, at, int(pos.max()) + 1
+                )
+                state = state[:, 0]
+            logits = self.decoder.logits(state)
             if self.sampling.greedy:
                 drafts.append(argmax(logits))
             else:
@@ -207,29 +206,35 @@ class SpeculativeState(_DecodeState):
         self.drafts = torch.stack(drafts, dim=1)  # (B, D)
         self.q = torch.stack(qs, dim=1) if qs else None  # (B, D, V)
 
-    def _emit(self, y: torch.Tensor, accepted: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Write each decoding row's tokens y[:, :accepted + 1] (B, T), cut at the end of text and at its
+    def _emit(self, y: np.ndarray, accepted: np.ndarray, logits: torch.Tensor) -> np.ndarray:
+        """Write each decoding row's tokens y[:, :accepted + 1] (B, T), cut after the end of text and at its
         budget; -> how many each row wrote (B,)."""
-        j = torch.arange(y.shape[1], device=y.device)
-        cols = self.n[:, None] + j  # (B, T)
-        keep = (j <= accepted[:, None]) & ~self.done[:, None] & (cols < self.budget_t[:, None])
+        j = np.arange(y.shape[1])
+        keep = (
+            (j <= accepted[:, None]) & ~self.done[:, None] & (self.n[:, None] + j < self.budget_np[:, None])
+        )
         if self.eos is not None:
             ends = (y == self.eos) & keep
-            keep &= j <= torch.where(ends.any(1), ends.float().argmax(1), y.shape[1])[:, None]
-            self.done |= ends.any(1)
-        rows = self.rows[:, None].expand_as(cols)
-        self.out[rows[keep], cols[keep]] = y[keep]
+            ended = ends.any(1)
+            keep &= j <= np.where(ended, ends.argmax(1), y.shape[1])[:, None]
+            self.done |= ended
+        rows, cols = np.nonzero(keep)
+        self.out[rows, self.n[rows] + cols] = y[rows, cols]
         if self.logits_out is not None:
-            self.logits_out[rows[keep], cols[keep]] = logits[keep].to(self.logits_out.dtype)
+            r, c = self._tensor(rows), self._tensor(cols)
+            self.logits_out[r, self._tensor(self.n[rows]) + c] = logits[r, c].to(self.logits_out.dtype)
         written = keep.sum(1)
         self.n += written
-        self.done |= self.n >= self.budget_t
+        self.done |= self.n >= self.budget_np
         return written
 
-    def _record(self, accepted: torch.Tensor, active: torch.Tensor) -> None:
-        counts = torch.bincount(accepted[active], minlength=self.drafts_per_round + 1).tolist()
+    def _record(self, accepted: np.ndarray) -> None:
+        """Acceptance counts of the rows decoding in this round."""
+        active = ~self.done
         s = self.stats
         s.rounds += 1
         s.drafted += int(active.sum()) * self.drafts_per_round
         s.accepted += int(accepted[active].sum())
-        s.histogram = [a + b for a, b in zip(s.histogram, counts)]
+        s.histogram = (
+            np.array(s.histogram) + np.bincount(accepted[active], minlength=len(s.histogram))
+        ).tolist()
