@@ -4,6 +4,7 @@ side by side with transformers' `DeepseekV3ForCausalLM` of the same configuratio
     deepseek-lm bench                                        the seed preset, ours only
     deepseek-lm bench --compare-hf --json benchmarks/seed-cpu.json
     deepseek-lm bench --preset 100m --compile --batch-size 16 --seq-len 1024    (on a GPU)
+    deepseek-lm bench --checkpoint runs/mtp --speculative     MTP self-speculative decoding (bench_speculative.py)
 
 How each figure is measured (SPEC §8; the history of results is in benchmarks/README.md):
 - training: one micro-batch step as the trainer runs it (forward with CE + aux loss, backward, gradient
@@ -81,6 +82,10 @@ class BenchConfig:
     ctx_new_tokens: int = 64
     seed: int = 0
     threads: int = 0
+    checkpoint: str | None = None
+    speculative: bool = False
+    draft_tokens: int = 1
+    data_dir: str | None = None
 
 
 HELP = {  # the command line's help, by BenchConfig field
@@ -103,6 +108,12 @@ HELP = {  # the command line's help, by BenchConfig field
     "ctx_new_tokens": "tokens decoded in the long-context figure",
     "seed": "seed of the weights and the token ids",
     "threads": "torch threads in every process (0: torch's default, one per core)",
+    "checkpoint": "with --speculative: a trained checkpoint (or run directory) with an MTP module",
+    "speculative": "self-speculative decoding against plain decoding on --checkpoint: tokens/s at batch 1 "
+    "and --decode-batch, acceptance rate (bench_speculative.py)",
+    "draft_tokens": "with --speculative: tokens drafted per round",
+    "data_dir": "with --speculative: prepared data whose validation split gives the prompts (default: the "
+    "checkpoint's training data)",
 }
 
 
@@ -148,6 +159,13 @@ def parse(argv: list[str]) -> BenchConfig:
     DeepSeekConfig.from_preset(cfg.preset)  # an unknown preset is a ConfigError (a UserError)
     if cfg.ctx_new_tokens < 2 or cfg.new_tokens < 2:
         raise UserError("--new-tokens and --ctx-new-tokens must be >= 2 (decode speed needs two lengths)")
+    if cfg.speculative != (cfg.checkpoint is not None):
+        raise UserError(
+            "--speculative needs --checkpoint DIR (a trained model with an MTP module), and --checkpoint is "
+            "only for --speculative (the other figures use a preset's random weights)"
+        )
+    if cfg.draft_tokens < 1:
+        raise UserError(f"--draft-tokens must be >= 1 (got {cfg.draft_tokens})")
     return cfg
 
 
@@ -156,6 +174,10 @@ def main(argv: list[str]) -> int:
         cfg = parse(argv)
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    if cfg.speculative:
+        from deepseek_lm import bench_speculative
+
+        return bench_speculative.main(cfg, _log)
     result = run_bench(cfg)
     print(format_table(result))
     if cfg.json:

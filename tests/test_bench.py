@@ -77,3 +77,30 @@ def test_bad_arguments_are_user_errors(argv, message):
 def test_import_deepseek_lm_does_not_import_the_bench():
     code = "import sys, deepseek_lm; assert 'deepseek_lm.bench' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_speculative_bench_on_a_trained_checkpoint(tmp_path_factory, capsys):
+    from _trained_tiny import trained_tiny_run
+
+    run = trained_tiny_run(tmp_path_factory.getbasetemp() / "tiny_run")
+    out = tmp_path_factory.mktemp("spec") / "spec.json"
+    argv = ["--checkpoint", str(run), "--speculative", "--draft-tokens", "2", "--rounds", "1", "--prompt-len", "4",
+            "--new-tokens", "5", "--decode-batch", "2", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "batch 2, greedy" in capsys.readouterr().out
+    figures = json.loads(out.read_text())["figures"]
+    assert set(figures) == {"b1_greedy", "b8_greedy", "b1_sampled"} and figures["b8_greedy"]["batch"] == 2
+    for f in figures.values():
+        assert f["plain_tokens_per_s"] > 0 and f["speculative_tokens_per_s"] > 0
+        assert 0 <= f["acceptance"] <= 1 and 1 <= f["tokens_per_round"] <= 3
+
+
+def test_speculative_bench_needs_a_checkpoint_with_mtp(tmp_path):
+    from deepseek_lm.checkpoint import save_model_dir
+    from deepseek_lm.model import get_model
+
+    with pytest.raises(UserError, match="--speculative needs --checkpoint"):
+        parse(["--speculative"])
+    ckpt = save_model_dir(tmp_path / "ckpt", get_model(DeepSeekConfig.from_preset("tiny")))
+    with pytest.raises(UserError, match="no MTP modules"):
+        main(["--checkpoint", str(ckpt), "--speculative"])
