@@ -80,8 +80,9 @@ class SpeculativeState(_DecodeState):
         B, ctx = len(rows), engine.context_length
         self.budget = [min(max_new_tokens, ctx - n) for n in self.lengths]
         self.steps = max(self.budget)
-        # a round writes up to D positions past a row's last token: room for them past the last one kept
-        cache_len = min(max(self.lengths) + max_new_tokens, ctx) + D
+        # a round writes up to 2·D positions past a row's last token (D verified, D - 1 chained drafts after
+        # the last accepted one): room for them past the last one kept
+        cache_len = min(max(self.lengths) + max_new_tokens, ctx) + 2 * D
         if engine.compile:  # compiled steps are specialised to the cache length: round it so calls share them
             cache_len = -(-cache_len // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
         self.decoder = SpeculativeDecoder(model, B, D + 1, compile=engine.compile)
@@ -155,25 +156,30 @@ class SpeculativeState(_DecodeState):
         ids = torch.cat((self.last[:, None], self.drafts), dim=1)  # (B, T)
         pos_BT = self._tensor(P[:, None] + np.arange(T))
         end = int(P.max()) + T
-        states = self.decoder.verify(ids, self.cache, pos_BT, end)  # (B, T, D_model)
-        logits = self.decoder.logits(states)  # (B, T, V)
-        y, accepted = self._accept(logits)  # (B, T) tokens, (B,) drafts kept
+        if self.sampling.greedy:  # one function from the drafts to the next drafts (one graph compiled)
+            y, accepted, drafts, logits = self.decoder.greedy_round(
+                ids, self.cache, self.draft_kv, pos_BT, end
+            )
+        else:
+            states = self.decoder.verify(ids, self.cache, pos_BT, end)  # (B, T, D_model)
+            logits = self.decoder.logits(states)  # (B, T, V)
+            y, accepted = self._accept(logits)  # (B, T) tokens, (B,) drafts kept
         host = torch.cat((y, accepted[:, None]), dim=1).cpu().numpy()  # the round's one read-back
         self._record(host[:, -1])
         written = self._emit(host[:, :-1], host[:, -1], logits)
-        # the module over the verified pairs (h_{P+j}, t_{P+j+1}); the state at the last kept position drafts
-        states = self.decoder.draft(y, states, self.draft_kv, pos_BT, end)
         self.last = y[self.rows, accepted]
         self.pos = P + written
+        if self.sampling.greedy:
+            self.drafts = drafts
+            return
+        # the module over the verified pairs (h_{P+j}, t_{P+j+1}); the state at the last kept position drafts
+        states = self.decoder.draft(y, states, self.draft_kv, pos_BT, end)
         self._chain(states[self.rows, accepted])
 
     def _accept(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> tokens (B, D + 1): the kept drafts, then the token after them (later columns: rejected drafts);
-        and how many drafts each row keeps (B,)."""
+        """Speculative sampling -> tokens (B, D + 1): the kept drafts, then the token drawn after them (later
+        columns: rejected drafts); and how many drafts each row keeps (B,)."""
         B, T, V = logits.shape
-        if self.sampling.greedy:
-            y = argmax(logits.view(B * T, V)).view(B, T)
-            return y, (self.drafts == y[:, :-1]).cumprod(1).sum(1)
         p = probabilities(logits.view(B * T, V), self.sampling).view(B, T, V)
         d, q = self.drafts, self.q  # (B, D), (B, D, V)
         p_d, q_d = p[:, :-1].gather(2, d[..., None])[..., 0], q.gather(2, d[..., None])[..., 0]

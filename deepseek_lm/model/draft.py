@@ -33,6 +33,7 @@ from deepseek_lm.model.decode import (
     _Attention,
     _attention_weights,
     _ffn_weights,
+    _head,
     _rms_norm,
     compiled,
     decode_states,
@@ -87,6 +88,35 @@ def draft_states(
     return _rms_norm(x, d.norm, eps).view(B, T, -1)
 
 
+def greedy_round(
+    w: DecoderWeights,
+    d: DraftWeights,
+    ids_BT: torch.Tensor,
+    pos_BT: torch.Tensor,
+    kvs: list[torch.Tensor],
+    draft_kv: torch.Tensor,
+    masked: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A whole greedy round as one function (one graph when compiled): ids (B, T) = the newest token and
+    T - 1 drafts at pos_BT. Verify, keep the longest prefix of drafts that are the argmaxes, run the module
+    over the verified pairs, draft T - 1 tokens from its state at the last kept position (chained one
+    position further per draft). -> argmaxes y (B, T), drafts kept (B,), next drafts (B, T - 1), logits
+    (B, T, V). Positions past a row's kept tokens hold rejected work, overwritten by its next round."""
+    B, T = ids_BT.shape
+    states = decode_states(w, ids_BT, pos_BT, kvs, masked)  # (B, T, D)
+    logits = _head(w, states.view(B * T, -1)).view(B, T, -1)
+    y = logits.argmax(-1)  # (B, T): the first index of the maximum, as plain greedy's
+    accepted = (ids_BT[:, 1:] == y[:, :-1]).cumprod(1).sum(1)  # (B,)
+    rows = torch.arange(B, device=ids_BT.device)
+    state = draft_states(w, d, y, states, pos_BT, draft_kv, masked)[rows, accepted]  # (B, D) at P + a
+    drafts = [_head(w, state).argmax(-1)]
+    for k in range(1, T - 1):  # draft k + 1 from (state, draft k) at P + a + k
+        pos = (pos_BT[:, 0] + accepted + k)[:, None]
+        state = draft_states(w, d, drafts[-1][:, None], state[:, None], pos, draft_kv, masked)[:, 0]
+        drafts.append(_head(w, state).argmax(-1))
+    return y, accepted, torch.stack(drafts, dim=1), logits
+
+
 class SpeculativeDecoder(Decoder):
     """`Decoder` for `batch_size` rows of `tokens_per_row` tokens per verification, plus the first MTP
     module's draft steps. Positions are (B, T) long tensors; `end` bounds the cache positions an eager step
@@ -108,7 +138,11 @@ class SpeculativeDecoder(Decoder):
         # A row's last token can sit at the last position of the context, its drafts past it. Their results
         # are never kept (every row stops at the context's end), but they need rope rows: the last one's.
         rope = self.weights.rope
-        self.weights.rope = torch.cat((rope, rope[:, -1:].expand(-1, tokens_per_row, -1)), dim=1)
+        self.weights.rope = torch.cat((rope, rope[:, -1:].expand(-1, 2 * tokens_per_row, -1)), dim=1)
+        if compile:  # the greedy round's graph holds the head: the (D, V) product (inductor cannot lower
+            w = self.weights  # oneDNN's blocked layout)
+            w.head_DV, w.head_packed = model.lm_head.weight.detach().t().contiguous(), None
+        self.tokens_per_row = tokens_per_row
         self.batch_size = batch_size
         self.kv_width = model.config.kv_lora_rank + model.config.qk_rope_head_dim
 
@@ -126,6 +160,18 @@ class SpeculativeDecoder(Decoder):
             step = compiled(decode_states, ids_BT.device.type)
             return step(self.weights, ids_BT.contiguous(), pos_BT.contiguous(), cache.kv, True)
         return decode_states(self.weights, ids_BT, pos_BT, [kv[:, :end] for kv in cache.kv], True)
+
+    @torch.no_grad()
+    def greedy_round(
+        self, ids_BT: torch.Tensor, cache: LatentCache, draft_kv: torch.Tensor, pos_BT: torch.Tensor, end: int
+    ):
+        """`greedy_round` on the caches; `end`: the largest position in pos_BT + 1."""
+        w, d = self.weights, self.draft_weights
+        if self.compile:
+            step = compiled(greedy_round, ids_BT.device.type)
+            return step(w, d, ids_BT.contiguous(), pos_BT.contiguous(), cache.kv, draft_kv, True)
+        kvs = [kv[:, :end] for kv in cache.kv]
+        return greedy_round(w, d, ids_BT, pos_BT, kvs, draft_kv[:, : end + ids_BT.shape[1] - 2], True)
 
     @torch.no_grad()
     def draft(
