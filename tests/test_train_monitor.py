@@ -94,3 +94,24 @@ def test_online_without_api_key_falls_back_to_offline(tmp_path, monkeypatch):
         run = init_wandb("deepseek-lm-test", "online", tmp_path, {}, None, "testrun2")
     run.finish()
     assert list(tmp_path.glob("wandb/offline-run-*-testrun2"))
+
+
+def test_mtp_figures_in_the_log_line_wandb_names_and_the_loss_plot(tmp_path):
+    import matplotlib.image
+
+    from deepseek_lm.train.monitor import format_eval, format_train
+
+    records = _records(4)
+    for r in records:  # one MTP depth: its loss and its drafts' top-1 agreement, in train and eval records
+        r |= {"mtp_loss": [1.1 * r["loss"]], "mtp_top1": [0.3 + 0.01 * r["step"]]}
+    train = records[0] | {"tokens_per_s": 1000.0}
+    assert "mtp loss 5.500 top-1 31.0%" in format_train(train, total_steps=4)
+    evaluation = records[2] | {"perplexity": 10.0}
+    assert format_eval(evaluation, None, 2).endswith("mtp loss 3.025 top-1 32.0%")
+    assert {"train/mtp_loss/0", "train/mtp_top1/0"} <= set(_flatten(records[0], "train"))
+    _write(tmp_path, records)
+    plot_run(tmp_path, xz_bits_per_byte=2.0)
+    height = matplotlib.image.imread(tmp_path / "loss.png").shape[0]
+    _write(tmp_path, _records(4))
+    plot_run(tmp_path, xz_bits_per_byte=2.0)
+    assert height > 1.5 * matplotlib.image.imread(tmp_path / "loss.png").shape[0]  # the top-1 panel below
