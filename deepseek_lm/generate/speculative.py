@@ -72,37 +72,40 @@ class SpeculativeState(_DecodeState):
                  seed: int | None, output_logits: bool) -> None:  # fmt: skip
         if sampling.repetition_penalty != 1:
             raise UserError("--repetition-penalty is not supported with speculative decoding; leave it at 1")
-        model, device, D = engine.model, engine.device, engine.draft_tokens
-        self.model, self.tokenizer, self.sampling, self.device = model, engine.tokenizer, sampling, device
+        self.model, self.tokenizer, self.sampling = engine.model, engine.tokenizer, sampling
+        self.device, self.drafts_per_round = engine.device, engine.draft_tokens
         self.eos, self.pad, self.max_new_tokens = engine.eos_token_id, engine.pad_token_id, max_new_tokens
-        self.drafts_per_round = D
         self.lengths = [len(r) for r in rows]
-        B, ctx = len(rows), engine.context_length
-        self.budget = [min(max_new_tokens, ctx - n) for n in self.lengths]
+        self.budget = [min(max_new_tokens, engine.context_length - n) for n in self.lengths]
         self.steps = max(self.budget)
+        self.generator = make_generator(seed, self.device)
+        self.ended: set[int] = set()
+        self.stopped_at: dict[int, int] = {}
+        self.logits_log: list[torch.Tensor] | None = None
+        self.seen = None
+        self.stats = SpeculativeStats(histogram=[0] * (self.drafts_per_round + 1))
+        self._allocate(engine, len(rows), output_logits)
+        self._prefill(_right_pad(rows, self.pad, self.device))
+
+    def _allocate(self, engine: Any, B: int, output_logits: bool) -> None:
+        """The decoder, both caches and the host-side buffers."""
+        D, device = self.drafts_per_round, self.device
         # a round writes up to 2·D positions past a row's last token (D verified, D - 1 chained drafts after
         # the last accepted one): room for them past the last one kept
-        cache_len = min(max(self.lengths) + max_new_tokens, ctx) + 2 * D
+        cache_len = min(max(self.lengths) + self.max_new_tokens, engine.context_length) + 2 * D
         if engine.compile:  # compiled steps are specialised to the cache length: round it so calls share them
             cache_len = -(-cache_len // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
-        self.decoder = SpeculativeDecoder(model, B, D + 1, compile=engine.compile)
-        self.cache = model.new_cache(B, cache_len, device=device)
+        self.decoder = SpeculativeDecoder(self.model, B, D + 1, compile=engine.compile)
+        self.cache = self.model.new_cache(B, cache_len, device=device)
         self.draft_kv = self.decoder.new_draft_cache(cache_len)
-        self.generator = make_generator(seed, device)
         width = max(self.steps, 1) + D + 1  # a round may write D + 1 tokens past the last one needed
         self.out = np.full((B, width), self.pad, dtype=np.int64)  # what the engine reads, as _DecodeState's
         self.n = np.zeros(B, dtype=np.int64)  # tokens written per row
         self.budget_np = np.array(self.budget, dtype=np.int64)
         self.done = self.budget_np <= 0
-        self.ended: set[int] = set()
-        self.stopped_at: dict[int, int] = {}
-        self.logits_log: list[torch.Tensor] | None = None
-        V = model.config.vocab_size
+        V = self.model.config.vocab_size
         self.logits_out = torch.zeros(B, width, V, device=device) if output_logits else None
-        self.seen = None
-        self.stats = SpeculativeStats(histogram=[0] * (D + 1))
         self.rows = torch.arange(B, device=device)
-        self._prefill(_right_pad(rows, self.pad, device))
 
     def _prefill(self, prompt: torch.Tensor) -> None:
         """The prompts in one forward, keeping every position's state for the MTP module's prefill."""
