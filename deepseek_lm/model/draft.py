@@ -39,7 +39,6 @@ from deepseek_lm.model.decode import (
     decode_states,
     decoder_layer,
     dense_experts,
-    onednn_weight,
     packed_products,
     step_positions,
 )
@@ -129,8 +128,9 @@ class SpeculativeDecoder(Decoder):
     ) -> None:
         if not model.mtp:
             raise ValueError("speculative decoding needs MTP modules (num_nextn_predict_layers > 0)")
-        rows = batch_size * tokens_per_row  # a verification's: they decide which MoE layers run dense
-        super().__init__(model, rows, compile)
+        # a verification's rows decide which MoE layers run dense; from 2 rows its products run through
+        # oneDNN (decode.Packed): the demo's (8192, 128) head at 2 rows takes 60 µs there, 119 µs in MKL
+        super().__init__(model, batch_size * tokens_per_row, compile, pack_from=2)
         cfg = model.config
         with torch.no_grad():
             self.draft_weights = _draft_weights(model.mtp[0], dense_experts(cfg, batch_size, compile))
@@ -142,18 +142,9 @@ class SpeculativeDecoder(Decoder):
         w.rope = torch.cat((w.rope, w.rope[:, -1:].expand(-1, 2 * tokens_per_row, -1)), dim=1)
         if compile:  # the greedy round's graph holds the head: inductor cannot lower oneDNN's layout
             w.head_DV, w.head_packed = model.lm_head.weight.detach().t().contiguous(), None
-        else:  # eager on a CPU: every product through oneDNN, whose time hardly grows with the rows
-            self._pack(model, rows)
-
-    def _pack(self, model: DeepSeekLM, rows: int) -> None:
-        """The large products of the verification and draft steps as `Packed` (decode.py), the head included
-        (from 2 rows: the demo's (8192, 128) head at 2 rows takes 60 µs in oneDNN, 119 µs in MKL)."""
-        w, d = self.weights, self.draft_weights
-        w.attn, w.ffn = map(list, zip(*(packed_products(a, f, rows) for a, f in zip(w.attn, w.ffn))))
-        d.attn, d.ffn = packed_products(d.attn, d.ffn, rows)
-        head = onednn_weight(model.lm_head.weight, rows)
-        if head is not None:
-            w.head_DV, w.head_packed = None, head
+        else:  # the module's block as the main layers (its steps run B·T rows too)
+            d = self.draft_weights
+            d.attn, d.ffn = packed_products(d.attn, d.ffn, batch_size * tokens_per_row)
 
     def new_draft_cache(self, max_len: int) -> torch.Tensor:
         """The MTP module's latent cache (B, max_len, r + dr), like one layer of a `LatentCache`."""
