@@ -50,7 +50,7 @@ def assert_same(plain, speculative):
 @pytest.mark.parametrize("draft_tokens", [1, 3])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_speculative_is_plain_greedy(batch, draft_tokens):
-    # products large enough to run through oneDNN from 2 rows (decode.Packed), as the verification's do
+    # SwiGLU products through oneDNN (decode._pack), as in the verification of a trained model
     model = random_model(hidden_size=128, moe_intermediate_size=256)
     prompts = PROMPTS[:batch]
     plain = Engine(model).generate_ids(prompts, 30, sampling=GREEDY, output_logits=True)

@@ -39,7 +39,6 @@ from deepseek_lm.model.decode import (
     decode_states,
     decoder_layer,
     dense_experts,
-    packed_products,
     step_positions,
 )
 from deepseek_lm.model.mla import LatentCache
@@ -58,14 +57,15 @@ class DraftWeights:
     norm: torch.Tensor  # (D,) shared_head.norm
 
 
-def _draft_weights(module: MTPModule, dense: bool) -> DraftWeights:
+def _draft_weights(module: MTPModule, dense: bool, pack_rows: int | None) -> DraftWeights:
+    """pack_rows: the block's SwiGLU products through oneDNN for that many rows, as decode.py's layers'."""
     D = module.enorm.weight.shape[0]
     w = module.eh_proj.weight  # (D, 2D): [embedding half | hidden half], the order of the concatenation
     return DraftWeights(
         w_e=(w[:, :D] * module.enorm.weight).t().contiguous(),
         w_h=(w[:, D:] * module.hnorm.weight).t().contiguous(),
-        attn=_attention_weights(module.self_attn, module.input_layernorm.weight),
-        ffn=_ffn_weights(module.mlp, module.post_attention_layernorm.weight, dense),
+        attn=_attention_weights(module.self_attn, module.input_layernorm.weight, None),
+        ffn=_ffn_weights(module.mlp, module.post_attention_layernorm.weight, dense, pack_rows, False),
         norm=module.shared_head.norm.weight.clone(),
     )
 
@@ -85,7 +85,7 @@ def draft_states(
     eps = w.config.rms_norm_eps
     e_ND = F.embedding(ids_BT.flatten(), w.embed)
     x = _rms_norm(e_ND, None, eps) @ d.w_e + _rms_norm(h_BTD.reshape(B * T, -1), None, eps) @ d.w_h
-    x = decoder_layer(d.attn, d.ffn, w.config, x, step_positions(w, pos_BT, kv.shape[1], masked), kv)
+    x = decoder_layer(w, d.attn, d.ffn, x, step_positions(w, pos_BT, kv.shape[1], masked), kv)
     return _rms_norm(x, d.norm, eps).view(B, T, -1)
 
 
@@ -128,12 +128,16 @@ class SpeculativeDecoder(Decoder):
     ) -> None:
         if not model.mtp:
             raise ValueError("speculative decoding needs MTP modules (num_nextn_predict_layers > 0)")
-        # a verification's rows decide which MoE layers run dense; from 2 rows its products run through
-        # oneDNN (decode.Packed): the demo's (8192, 128) head at 2 rows takes 60 µs there, 119 µs in MKL
-        super().__init__(model, batch_size * tokens_per_row, compile, pack_from=2)
+        # A verification's rows decide which MoE layers run dense and the oneDNN layouts (decode._pack). At
+        # least 3: decode packs from 3 rows, and at 2 oneDNN's products already beat MKL's, whose time grows
+        # about linearly with a few rows on a CPU: the demo's (8192, 128) head at 2 rows takes 60 µs in
+        # oneDNN, 119 µs in MKL; a (128, 4096) product 37 against 54 µs.
+        rows = max(batch_size * tokens_per_row, 3)
+        super().__init__(model, rows, compile)
         cfg = model.config
         with torch.no_grad():
-            self.draft_weights = _draft_weights(model.mtp[0], dense_experts(cfg, batch_size, compile))
+            dense = dense_experts(cfg, batch_size, compile)
+            self.draft_weights = _draft_weights(model.mtp[0], dense, None if compile else rows)
         self.batch_size, self.tokens_per_row = batch_size, tokens_per_row
         self.kv_width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         # A row's last token can sit at the last position of the context, its drafts past it. Their results
@@ -142,9 +146,6 @@ class SpeculativeDecoder(Decoder):
         w.rope = torch.cat((w.rope, w.rope[:, -1:].expand(-1, 2 * tokens_per_row, -1)), dim=1)
         if compile:  # the greedy round's graph holds the head: inductor cannot lower oneDNN's layout
             w.head_DV, w.head_packed = model.lm_head.weight.detach().t().contiguous(), None
-        else:  # the module's block as the main layers (its steps run B·T rows too)
-            d = self.draft_weights
-            d.attn, d.ffn = packed_products(d.attn, d.ffn, batch_size * tokens_per_row)
 
     def new_draft_cache(self, max_len: int) -> torch.Tensor:
         """The MTP module's latent cache (B, max_len, r + dr), like one layer of a `LatentCache`."""
