@@ -113,13 +113,40 @@ class ChatFormat:
 
     def render(self, messages: Any, add_generation_prompt: bool = True) -> str:
         """The prompt for `messages` (checked by `check_messages`), ending with the assistant's cue."""
+        return self._render(check_messages(messages), add_generation_prompt)
+
+    def encode(self, tokenizer: Any, messages: Any) -> tuple[list[int], list[bool]]:
+        """A whole conversation's token ids, and which of them an assistant wrote: each assistant turn's
+        content and what ends it (the end token; the newline under the plain template), never the role tokens
+        or the other turns. Fine-tuning puts its loss on exactly these.
+
+        An assistant turn is the text between the conversation rendered up to it with the generation prompt
+        and rendered through it, so any template that renders turn by turn works (a template that rewrites
+        earlier turns is refused); a token belongs to the turn its first character falls in."""
+        messages = check_messages(messages)
+        text = self._render(messages, add_generation_prompt=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], add_generation_prompt=True)
+            through = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not (text.startswith(through) and through.startswith(before)):
+                raise UserError(
+                    "the chat template does not render a conversation turn by turn (an earlier turn changes "
+                    "when a later one is added), so the assistant's tokens cannot be told apart"
+                )
+            spans.append((len(before), len(through)))
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        mask = [any(a <= start < b for a, b in spans) for start, _ in encoding.offsets]
+        return list(encoding.ids), mask
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         import jinja2
 
         try:
             return _compile(self.template).render(
-                messages=check_messages(messages),
-                add_generation_prompt=add_generation_prompt,
-                **dict(self.special_tokens),
+                messages=messages, add_generation_prompt=add_generation_prompt, **dict(self.special_tokens)
             )
         except jinja2.TemplateError as e:
             raise UserError(f"the chat template failed on these messages: {e}") from None

@@ -3,6 +3,8 @@
 deepseek-lm prepare --out data_cache/builtin               # the built-in corpus
 deepseek-lm prepare --data notes/ books/*.txt --out data/mine --vocab-size 4096
 deepseek-lm prepare --dataset roneneldan/TinyStories --max-documents 100000 --out data/tinystories
+deepseek-lm prepare --chat --out data_cache/chat                   # the built-in instruction set (for finetune)
+deepseek-lm prepare --chat --data chats.jsonl --out data/chats     # your conversations, checked and split
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ def build_parser() -> ArgumentParser:
             parser.add_argument(flag, type=str, nargs="+", default=f.default, metavar="PATH", help=help_)
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=help_)
+    parser.add_argument(
+        "--chat", action=ActionYesNo(no_prefix="no-"), default=False,
+        help="Conversations for `finetune` instead of text: the built-in instruction set, or chat .jsonl files / "
+        "a dataset with a messages column, checked and split (no tokenising: finetune renders them).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--messages-field", type=str, default="messages", help="With --chat: the messages field."
+    )
     return parser
 
 
@@ -48,6 +58,10 @@ def _attribute_docs(cls: type) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(build_parser(), argv)
+    if args.chat:
+        _log_to_stderr()
+        print(_chat_summary(_prepare_chat(args)))
+        return 0
     fields = {f.name for f in dataclasses.fields(PrepareConfig)}
     cfg = PrepareConfig(**{k: v for k, v in vars(args).items() if k in fields})
     _log_to_stderr()
@@ -65,6 +79,38 @@ def _summary(data: PreparedData) -> str:
         f"train {train['documents']} docs, {train['bytes']:,} bytes, {train['tokens']:,} tokens; "
         f"val {val['documents']} docs, {val['bytes']:,} bytes, {val['tokens']:,} tokens; xz baseline {xz}"
     )
+
+
+def _prepare_chat(args):
+    from deepseek_lm.data import DataError
+    from deepseek_lm.data.chat_data import ChatPrepareConfig, prepare_chat
+
+    if args.tokenizer or args.vocab_size:
+        raise DataError("--tokenizer and --vocab-size do not apply to --chat: finetune uses the checkpoint's")
+    return prepare_chat(
+        ChatPrepareConfig(
+            out=args.out,
+            data=args.data,
+            dataset=args.dataset,
+            dataset_config=args.dataset_config,
+            dataset_split=args.dataset_split,
+            messages_field=args.messages_field,
+            max_conversations=args.max_documents,
+            val_fraction=args.val_fraction,
+            split_seed=args.split_seed,
+            force=args.force,
+        )
+    )
+
+
+def _chat_summary(chat) -> str:
+    m = chat.manifest
+    how = "reused (inputs unchanged)" if chat.reused else f"prepared in {m['prepare_seconds']:.1f} s"
+    splits = "; ".join(
+        f"{name} {s['conversations']:,} conversations, {s['assistant_turns']:,} answers, {s['answer_bytes']:,} bytes"
+        for name, s in m["splits"].items()
+    )
+    return f"{chat.path}: {how}; {m['source']}; split {m['split']}; {splits}"
 
 
 class _Stderr(logging.Handler):

@@ -158,6 +158,21 @@ class PreparedData:
         s = self.manifest["splits"][split]
         return s["bytes"] / s["tokens"]
 
+    # what the trainer reads (its data source; fine-tuning's is data/chat_data.ChatData)
+    chat_template = None  # plain text: no chat template to store with checkpoints
+
+    def train_loader(self, seq_len: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
+        from deepseek_lm.data.loader import TokenLoader
+
+        return TokenLoader(
+            self.tokens("train"), seq_len, batch_size, seed=seed, rank=rank, world_size=world_size
+        )
+
+    def val_batches(self, seq_len: int, batch_size: int, max_batches: int | None = None):
+        from deepseek_lm.data.loader import eval_batches
+
+        return eval_batches(self.tokens("val"), seq_len, batch_size, max_batches)
+
 
 def bits_per_byte(loss_nats_per_token: float, tokens: int, n_bytes: int) -> float:
     """Mean cross-entropy (nats/token) over `tokens` tokens -> bits per byte of the `n_bytes` they encode.

@@ -22,6 +22,7 @@ import sys
 import sysconfig
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -79,10 +80,11 @@ def _module_document(name: str, tree: ast.Module, seen: set[str]) -> str | None:
     return "\n\n".join(parts) if parts else None
 
 
-def builtin_documents() -> list[str]:
-    """The built-in corpus: about 2 MB of English from this interpreter's standard library (no network)."""
+def stdlib_modules() -> Iterator[tuple[str, ast.Module, str | None]]:
+    """(module name, syntax tree, its document in the built-in corpus or None) of every standard-library
+    source this interpreter parses, in corpus order. The instruction set (instructions.py) reads these."""
     lib, files = _stdlib_files()
-    docs, seen = [], set()
+    seen: set[str] = set()
     for path in files:
         try:
             with warnings.catch_warnings():  # invalid escape sequences in old sources warn on parse
@@ -90,9 +92,13 @@ def builtin_documents() -> list[str]:
                 tree = ast.parse(path.read_bytes(), filename=str(path))
         except (SyntaxError, ValueError, OSError):
             continue  # a file this interpreter cannot parse (lib2to3 fixtures, a broken install)
-        doc = _module_document(_module_name(lib, path), tree, seen)
-        if doc:
-            docs.append(doc)
+        name = _module_name(lib, path)
+        yield name, tree, _module_document(name, tree, seen)
+
+
+def builtin_documents() -> list[str]:
+    """The built-in corpus: about 2 MB of English from this interpreter's standard library (no network)."""
+    docs = [doc for _, _, doc in stdlib_modules() if doc]
     from pydoc_data.topics import topics  # pure data (a dict of strings): safe to import
 
     docs += [f"topic {key}\n{topics[key].strip()}" for key in sorted(topics) if topics[key].strip()]

@@ -66,6 +66,7 @@ class Positions:
     pos_BT: torch.Tensor | None = None  # per-row absolute positions (tensor start_pos)
     kv_len: int = 0  # cache positions attended: max position + 1
     mask: torch.Tensor | None = None  # (B or 1, 1, T, L) bool, True = attend; None = attend to all L
+    packed_mask: torch.Tensor | None = None  # (B, 1, T, T) bool: causal within each packed sequence
 
 
 def make_positions(rope: torch.Tensor, B: int, T: int, start_pos, cached: bool, max_len: int) -> Positions:
@@ -82,6 +83,25 @@ def make_positions(rope: torch.Tensor, B: int, T: int, start_pos, cached: bool, 
     cos, sin = rope[:, pos_BT, None]  # (B, T, 1, dr)
     mask = (torch.arange(end, device=dev) <= pos_BT[..., None])[:, None] if cached else None  # (B, 1, T, L)
     return Positions(cos, sin, pos_BT=pos_BT, kv_len=end, mask=mask)
+
+
+def packed_positions(rope: torch.Tensor, doc_BT: torch.Tensor) -> Positions:
+    """Rows that pack several sequences (fine-tuning on conversations): a sequence starts wherever `doc_BT`
+    changes along a row; its positions restart at 0 there and its tokens attend only within it (a
+    block-diagonal causal mask), so each computes exactly what it would alone."""
+    T = doc_BT.shape[1]
+    t_T = torch.arange(T, device=doc_BT.device)
+    starts_BT = torch.ones_like(doc_BT, dtype=torch.bool)
+    starts_BT[:, 1:] = doc_BT[:, 1:] != doc_BT[:, :-1]
+    first_BT = torch.cummax(
+        torch.where(starts_BT, t_T, 0), dim=1
+    ).values  # where each token's sequence starts
+    _check_end(T, rope.shape[1], None)  # no position exceeds T - 1
+    pos_BT = t_T - first_BT
+    cos, sin = rope[:, pos_BT, None]  # (B, T, 1, dr)
+    j_T = t_T[None, None]  # keys
+    mask = (j_T <= t_T[None, :, None]) & (j_T >= first_BT[:, :, None])  # (B, T, T): i sees first(i) <= j <= i
+    return Positions(cos, sin, pos_BT=pos_BT, kv_len=T, packed_mask=mask[:, None])
 
 
 def token_positions(
@@ -142,17 +162,21 @@ class MLA(nn.Module):
             _write_latent(cache, torch.cat((c_kv, k_pe[:, :, 0]), dim=-1), pos)
             cache = None  # and the naive path is cheaper: heads of dn + dr, not r + dr (2k tokens: -17 %)
         if cache is None:
-            o = self._naive(q_nope, q_pe, c_kv, k_pe)
+            o = self._naive(q_nope, q_pe, c_kv, k_pe, pos.packed_mask)
         else:
             o = self._absorbed(q_nope, q_pe, c_kv, k_pe[:, :, 0], pos, cache)
         return self.o_proj(o.reshape(B, T, -1))
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, packed_mask=None) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
         k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).split([self.dn, self.dv], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, T, dqk)
         k = torch.cat((k_nope, k_pe.expand(B, T, H, self.dr)), dim=-1).transpose(1, 2)  # (B, H, T, dqk)
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        v = v.transpose(1, 2)  # (B, H, T, dv)
+        if packed_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=packed_mask, scale=self.scale)
         return o.transpose(1, 2)  # (B, T, H, dv)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, pos: Positions, cache: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.model.block import Block
 from deepseek_lm.model.layers import RMSNorm, rope_tables
 from deepseek_lm.model.loss import linear_cross_entropy
-from deepseek_lm.model.mla import LatentCache, make_positions
+from deepseek_lm.model.mla import LatentCache, make_positions, packed_positions
 from deepseek_lm.model.moe import MoE, RouterStats
 from deepseek_lm.model.mtp import MTPModule, mtp_objective
 
@@ -127,6 +127,7 @@ class DeepSeekLM(nn.Module):
         start_pos: int | torch.Tensor = 0,
         last_logits_only: bool = False,
         return_hidden: bool = False,
+        doc_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T) long -> ModelOutput.
 
@@ -135,10 +136,17 @@ class DeepSeekLM(nn.Module):
         over it; row b's tokens sit at positions start_pos[b] + t (start_pos an int or (B,) long), are written
         there, and attend to cache positions j <= their own. Without a cache: naive MLA, causal over T.
         return_hidden: return the final-normed hidden states instead of logits (a caller with its own head).
+        doc_ids (B, T): rows that pack several sequences, a new one wherever the id changes; each attends only
+        within itself, from position 0 (fine-tuning on packed conversations; no cache).
         """
         B, T = input_ids.shape
         max_len = cache.max_len if cache is not None else self.rope.shape[1]
-        pos = make_positions(self.rope, B, T, start_pos, cache is not None, max_len)
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (packed sequences) are for training and scoring, not with a cache")
+        if doc_ids is not None:
+            pos = packed_positions(self.rope, doc_ids)
+        else:
+            pos = make_positions(self.rope, B, T, start_pos, cache is not None, max_len)
         x = self.embed_tokens(input_ids)
         aux, stats = None, []
         for i, block in enumerate(self.layers):
