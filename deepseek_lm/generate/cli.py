@@ -4,6 +4,8 @@ deepseek-lm generate --checkpoint runs/demo --prompt "Return the" --max-new-toke
 deepseek-lm generate --checkpoint runs/demo --prompt-file prompts.txt --temperature 0   # a batch
 echo "Once upon" | deepseek-lm generate --checkpoint runs/demo --prompt -
 deepseek-lm generate --checkpoint runs/demo --interactive
+deepseek-lm generate --checkpoint runs/chat --chat                   # a chat with history (fine-tuned model)
+deepseek-lm generate --checkpoint runs/chat --chat --prompt "What does `json.dumps` do?"
 deepseek-lm generate --checkpoint runs/demo --prompt "Once" --max-new-tokens 2000 --compile   # long outputs
 deepseek-lm generate --checkpoint runs/mtp --prompt "The" --speculative        # drafts from the MTP module
 deepseek-lm eval --checkpoint runs/demo                  # the training run's validation split
@@ -53,6 +55,11 @@ def _generate_parser() -> ArgumentParser:
     p.add_argument("--stop", nargs="+", type=str, help="stop strings (\\n and \\t are understood)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (from --prompt-file)")
     p.add_argument("--interactive", action="store_true", help="a prompt loop; Ctrl-D quits")
+    p.add_argument(
+        "--chat", action="store_true",
+        help="chat through the checkpoint's chat template: each --prompt is a user message; none: a terminal chat",
+    )  # fmt: skip
+    p.add_argument("--system", type=str | None, default=None, help="with --chat: a system message")
     p.add_argument("--device", type=str, default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--compile",
@@ -72,7 +79,7 @@ def _generate_parser() -> ArgumentParser:
 def main_generate(argv: list[str]) -> int:
     args = parse_args(_generate_parser(), argv)
     prompts = _read_prompts(args.prompt, args.prompt_file)
-    if not prompts and not args.interactive:
+    if not prompts and not args.interactive and not args.chat:
         raise UserError(
             "no prompt: give --prompt TEXT, --prompt - (stdin), --prompt-file FILE or --interactive"
         )
@@ -107,7 +114,9 @@ def main_generate(argv: list[str]) -> int:
         warnings.simplefilter("always")  # ours, e.g. a prompt cut to fit the context, every time
         warnings.simplefilter("ignore", DeprecationWarning)  # libraries' notes (torch.compile's)
         warnings.showwarning = _show_warning
-        if len(prompts) == 1:
+        if args.chat:
+            _chat(engine, args, prompts, settings)
+        elif len(prompts) == 1:
             _stream_one(engine, prompts[0], settings)
         else:  # in batches of --batch-size, each printed as soon as it is done
             for start in range(0, len(prompts), args.batch_size):
@@ -115,6 +124,30 @@ def main_generate(argv: list[str]) -> int:
         if args.interactive:
             _interactive(engine, settings)
     return 0
+
+
+def _chat(engine: Any, args: Any, prompts: list[str], settings: dict[str, Any]) -> None:
+    """--chat: each prompt a question of its own (streamed alone, batched when several), else a chat."""
+    from deepseek_lm.checkpoint import read_chat_template, resolve_checkpoint
+    from deepseek_lm.generate.chat import chat_format, chat_loop, reply
+
+    fmt = chat_format(engine, read_chat_template(resolve_checkpoint(args.checkpoint)))
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    if len(prompts) == 1:
+        show = lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
+        reply(engine, fmt, [*start, {"role": "user", "content": prompts[0]}], settings, stream=show)
+        print(flush=True)
+    for first in range(0, len(prompts) if len(prompts) > 1 else 0, args.batch_size):
+        batch = prompts[first : first + args.batch_size]
+        rendered = [fmt.render([*start, {"role": "user", "content": p}]) for p in batch]
+        stop = [*fmt.stop, *settings["stop"]]
+        outs = engine.generate(rendered, **{**settings, "stop": stop}, stop_token_ids=fmt.stop_token_ids)
+        for i, (prompt, out) in enumerate(zip(batch, outs), start=first):
+            print(
+                f"{'' if i == 0 else chr(10)}--- [{i}] ({out.finish_reason}) ---\n> {prompt}\n{out.text.strip()}"
+            )
+    if not prompts or args.interactive:
+        chat_loop(engine, fmt, settings, system=args.system)
 
 
 def _read_prompts(prompt: list[str] | None, prompt_file: str | None) -> list[str]:

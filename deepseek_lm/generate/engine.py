@@ -47,7 +47,9 @@ class PromptTruncatedWarning(UserWarning):
 class Completion:
     text: str  # the generated text (no prompt, no special tokens, cut before a stop string)
     token_ids: list[int]  # generated ids, EOS excluded; with a stop string, up to the token completing it
-    finish_reason: str  # "eos" | "stop" (a stop string) | "length" (max_new_tokens) | "context" (window full)
+    # "eos" (the end-of-sequence token or one of `stop_token_ids`, e.g. a chat template's end of turn) | "stop"
+    # (a stop string) | "length" (max_new_tokens) | "context" (window full)
+    finish_reason: str
     prompt_tokens: int  # prompt length after any truncation
     logits: torch.Tensor | None = None  # (len(token_ids) (+1 when EOS ended it), V) fp32, on request
 
@@ -139,16 +141,19 @@ class Engine:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: StreamCallback | None = None,
+        stop_token_ids: Sequence[int] = (),
     ) -> Completion | list[Completion]:
         """Complete one prompt (→ a `Completion`) or a batch (→ a list, decoded together).
 
-        `stream(index, piece)` is called with each piece of text as soon as it is final.
+        `stream(index, piece)` is called with each piece of text as soon as it is final. `stop_token_ids`
+        end a row as the end-of-sequence token does (a chat template's end of turn: `ChatFormat`).
         """
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
+        rows = [self.encode(t) for t in texts]
         run = self._run(
-            [self.encode(t) for t in texts], max_new_tokens, sampling, seed, stop, stream is not None
+            rows, max_new_tokens, sampling, seed, stop, stream is not None, stop_token_ids=stop_token_ids
         )
         results = _drain(run, stream)
         return results[0] if single else results
@@ -164,10 +169,13 @@ class Engine:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] = (),
     ) -> Iterator[str]:
         """The text of one completion, piece by piece as it is produced (arguments as in `generate`)."""
         sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
-        run = self._run([self.encode(prompt)], max_new_tokens, sampling, seed, stop, True)
+        run = self._run(
+            [self.encode(prompt)], max_new_tokens, sampling, seed, stop, True, stop_token_ids=stop_token_ids
+        )
         for _, piece in run:
             yield piece
 
@@ -183,11 +191,14 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         stream: StreamCallback | None = None,
         output_logits: bool = False,
+        stop_token_ids: Sequence[int] = (),
     ) -> list[Completion]:
         """Complete a batch of token-id prompts; `output_logits` keeps each step's next-token logits."""
         sampling = sampling if sampling is not None else SamplingConfig()
         rows = [list(p) for p in prompt_ids]
-        run = self._run(rows, max_new_tokens, sampling, seed, stop, stream is not None, output_logits)
+        run = self._run(
+            rows, max_new_tokens, sampling, seed, stop, stream is not None, output_logits, stop_token_ids
+        )
         return _drain(run, stream)
 
     # the loop -------------------------------------------------------------------------------------------
@@ -202,6 +213,7 @@ class Engine:
         stop: str | Sequence[str] | None,
         want_stream: bool,
         output_logits: bool = False,
+        stop_token_ids: Sequence[int] = (),
     ) -> Iterator[tuple[int, str]]:
         """Yield (row, text piece) while decoding; return the completions (as StopIteration's value)."""
         if max_new_tokens < 0:
@@ -213,7 +225,7 @@ class Engine:
         state_type = _DecodeState
         if self.speculative:  # loaded only when asked for (speculative.py builds on this module)
             from deepseek_lm.generate.speculative import SpeculativeState as state_type
-        state = state_type(self, rows, max_new_tokens, sampling, seed, output_logits)
+        state = state_type(self, rows, max_new_tokens, sampling, seed, output_logits, stop_token_ids)
         self.speculative_stats = getattr(state, "stats", None)
         streams = None
         if want_stream or stops:
@@ -262,10 +274,13 @@ class _DecodeState:
         sampling: SamplingConfig,
         seed: int | None,
         output_logits: bool,
+        stop_token_ids: Sequence[int] = (),
     ) -> None:
         model, device = engine.model, engine.device
         self.model, self.tokenizer, self.sampling = model, engine.tokenizer, sampling
-        self.eos, self.pad, self.max_new_tokens = engine.eos_token_id, engine.pad_token_id, max_new_tokens
+        self.pad, self.max_new_tokens = engine.pad_token_id, max_new_tokens
+        self.ends = end_token_ids(engine, stop_token_ids)
+        self.ends_t = torch.tensor(self.ends, dtype=torch.long, device=device)
         self.lengths = [len(r) for r in rows]
         batch, longest, ctx = len(rows), max(self.lengths), engine.context_length
         # per row: new tokens before max_new_tokens or the end of the context, whichever comes first
@@ -322,8 +337,8 @@ class _DecodeState:
         nxt = sample(logits, self.sampling, self.generator, self.seen)  # (B,)
         nxt.masked_fill_(self.done, self.pad)
         self.out[:, t] = nxt
-        if self.eos is not None:
-            self.done |= nxt == self.eos
+        if self.ends:
+            self.done |= torch.isin(nxt, self.ends_t)
         self.done |= self.budget_t <= t + 1
         if self.seen is not None:
             self.seen.scatter_(1, nxt[:, None], True)
@@ -355,9 +370,15 @@ class _DecodeState:
         ids = ids[: self.budget[b]]
         if b in self.stopped_at:  # cut first: the pad after it may be the EOS id
             return ids[: self.stopped_at[b] + 1], "stop"
-        if self.eos is not None and self.eos in ids:
-            return ids[: ids.index(self.eos)], "eos"
+        end = next((t for t, token in enumerate(ids) if token in self.ends), None)
+        if end is not None:
+            return ids[:end], "eos"
         return ids, "length" if self.budget[b] == self.max_new_tokens else "context"
+
+
+def end_token_ids(engine: Engine, stop_token_ids: Sequence[int]) -> list[int]:
+    """The tokens that end a row: the end-of-sequence token and the caller's stop tokens."""
+    return list(dict.fromkeys(i for i in (engine.eos_token_id, *stop_token_ids) if i is not None))
 
 
 def _push_text(state: _DecodeState, streams: list[TextStream], t: int) -> Iterator[tuple[int, str]]:
@@ -365,7 +386,7 @@ def _push_text(state: _DecodeState, streams: list[TextStream], t: int) -> Iterat
     for b, token in enumerate(state.out[:, t].tolist()):
         if b in state.ended or t >= state.budget[b]:
             continue
-        if token == state.eos:
+        if token in state.ends:
             state.ended.add(b)
             continue
         piece = streams[b].push(token)

@@ -26,6 +26,7 @@ end. The repetition penalty is not supported (it would make p depend on each dra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from deepseek_lm.errors import UserError
-from deepseek_lm.generate.engine import _COMPILED_CACHE_MULTIPLE, _DecodeState, _right_pad
+from deepseek_lm.generate.engine import _COMPILED_CACHE_MULTIPLE, _DecodeState, _right_pad, end_token_ids
 from deepseek_lm.generate.sampling import SamplingConfig, argmax, draw, make_generator, probabilities, sample
 from deepseek_lm.model.draft import SpeculativeDecoder
 from deepseek_lm.model.mla import make_positions
@@ -69,12 +70,13 @@ class SpeculativeState(_DecodeState):
     rest is host arithmetic instead of a hundred small tensor operations. B rows, D drafts per round."""
 
     def __init__(self, engine: Any, rows: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-                 seed: int | None, output_logits: bool) -> None:  # fmt: skip
+                 seed: int | None, output_logits: bool, stop_token_ids: Sequence[int] = ()) -> None:  # fmt: skip
         if sampling.repetition_penalty != 1:
             raise UserError("--repetition-penalty is not supported with speculative decoding; leave it at 1")
         self.model, self.tokenizer, self.sampling = engine.model, engine.tokenizer, sampling
         self.device, self.drafts_per_round = engine.device, engine.draft_tokens
-        self.eos, self.pad, self.max_new_tokens = engine.eos_token_id, engine.pad_token_id, max_new_tokens
+        self.pad, self.max_new_tokens = engine.pad_token_id, max_new_tokens
+        self.ends = end_token_ids(engine, stop_token_ids)  # end-of-sequence and the caller's stop tokens
         self.lengths = [len(r) for r in rows]
         self.budget = [min(max_new_tokens, engine.context_length - n) for n in self.lengths]
         self.steps = max(self.budget)
@@ -222,8 +224,8 @@ class SpeculativeState(_DecodeState):
         keep = (
             (j <= accepted[:, None]) & ~self.done[:, None] & (self.n[:, None] + j < self.budget_np[:, None])
         )
-        if self.eos is not None:
-            ends = (y == self.eos) & keep
+        if self.ends:
+            ends = np.isin(y, self.ends) & keep
             ended = ends.any(1)
             keep &= j <= np.where(ended, ends.argmax(1), y.shape[1])[:, None]
             self.done |= ended
