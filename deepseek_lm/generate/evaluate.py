@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from deepseek_lm.errors import UserError
+from deepseek_lm.model.loss import IGNORE_INDEX
 
 DEFAULT_SEQ_LEN = 1024  # for a checkpoint with no training config (an imported model); capped by its context
 DEFAULT_BATCH_SIZE = 4
@@ -73,17 +74,18 @@ class EvalReport:
 
 
 @torch.inference_mode()
-def mean_loss(
-    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy over (x, y) batches, and the number of tokens scored."""
+def mean_loss(model: torch.nn.Module, batches: Iterable[tuple]) -> tuple[float, int]:
+    """Token-weighted mean cross-entropy over (x, y) or (x, y, {model inputs}) batches, and the number of
+    tokens scored (targets other than -100: conversations score their answers only)."""
     device = next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
-        out = model(x.to(device), targets=y.to(device))
-        total += out.loss.item() * y.numel()
-        count += y.numel()
+    for x, y, *inputs in batches:
+        extra = {k: v.to(device) for k, v in inputs[0].items()} if inputs else {}
+        out = model(x.to(device), targets=y.to(device), **extra)
+        n = int((y != IGNORE_INDEX).sum())
+        total += out.loss.item() * n
+        count += n
     return total / max(count, 1), count
 
 
@@ -121,7 +123,13 @@ def evaluate_checkpoint(
         raise UserError(f"--seq-len and --batch-size must be > 0 (got {seq_len}, {batch_size})")
     if data:
         return _evaluate_files(ckpt, data, seq_len, batch_size, settings.max_batches)
-    return _evaluate_split(ckpt, _data_dir(ckpt, data_dir), seq_len, batch_size, settings.max_batches)
+    data_dir = _data_dir(ckpt, data_dir)
+    from deepseek_lm.data.chat_data import is_chat_dir
+
+    if is_chat_dir(data_dir):  # conversations packed apart: any window holds them, so the context's
+        seq_len = settings.seq_len or min(DEFAULT_SEQ_LEN, ctx)
+        return _evaluate_chat(ckpt, data_dir, seq_len, batch_size, settings.max_batches)
+    return _evaluate_split(ckpt, data_dir, seq_len, batch_size, settings.max_batches)
 
 
 def _data_dir(ckpt: Any, data_dir: str | None) -> Path:
@@ -156,6 +164,40 @@ def _evaluate_split(
         bits_per_byte=bpb,
         xz_bits_per_byte=data.manifest.get("xz_bits_per_byte"),
         note=note,
+        tokens=count,
+        seq_len=seq_len,
+        batch_size=batch_size,
+    )
+
+
+def _evaluate_chat(
+    ckpt: Any, data_dir: Path, seq_len: int, batch_size: int, max_batches: int | None
+) -> EvalReport:
+    """The held-out answers of a chat directory under the checkpoint's chat format: the loss of the
+    assistant's tokens only, bits per byte of the answers' text."""
+    from deepseek_lm.data.chat_data import ChatData, ChatDir
+    from deepseek_lm.data.preparation import bits_per_byte
+
+    if ckpt.tokenizer is None:
+        raise UserError(f"{ckpt.path} has no tokenizer.json to render the conversations with")
+    if seq_len > ckpt.config.max_position_embeddings:
+        raise UserError(
+            f"--seq-len {seq_len} exceeds the model's context ({ckpt.config.max_position_embeddings})"
+        )
+    data = ChatData(ChatDir.open(data_dir), ckpt.tokenizer, ckpt.chat_template)
+    loss, count = mean_loss(ckpt.model, data.val_batches(seq_len, batch_size, max_batches))
+    bpb = bits_per_byte(loss, count, count * data.bytes_per_token("val"))
+    notes = ["answers only (assistant tokens and their end of turn)"]
+    if max_batches is not None:
+        notes.append("a subset of the split (--max-batches)")
+    template = "role tokens" if data.format.stop_token_ids else "plain role lines"
+    return EvalReport(
+        checkpoint=str(ckpt.path),
+        data=f"held-out conversations of {data_dir} ({template})",
+        loss=loss,
+        bits_per_byte=bpb,
+        xz_bits_per_byte=None,
+        note="; ".join(notes),
         tokens=count,
         seq_len=seq_len,
         batch_size=batch_size,

@@ -74,7 +74,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32"
     with _atomic_dir(out) as tmp:
         write_safetensors(tensors, tmp / WEIGHTS_FILE)
         _write_json(tmp / CONFIG_FILE, hf_config)
-        _write_json(tmp / "generation_config.json", _generation_config(config))
+        _write_json(tmp / "generation_config.json", _generation_config(config, _end_of_turn_ids(ckpt)))
         if ckpt.tokenizer is not None:
             write_tokenizer_files(ckpt.tokenizer, tmp, config, ckpt.chat_template)
         else:
@@ -95,12 +95,19 @@ def _with_special_ids(config: DeepSeekConfig, tokenizer: Any) -> DeepSeekConfig:
     return DeepSeekConfig.from_dict({**config.to_dict(), "eos_token_id": eos, "pad_token_id": pad})
 
 
-def _generation_config(config: DeepSeekConfig) -> dict[str, Any]:
-    return {
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-    }
+def _generation_config(config: DeepSeekConfig, end_of_turn: tuple[int, ...] = ()) -> dict[str, Any]:
+    # transformers' generate stops at any id of a list: a chat model's replies end with its end of turn
+    eos = [config.eos_token_id, *end_of_turn] if end_of_turn else config.eos_token_id
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}
+
+
+def _end_of_turn_ids(ckpt: Any) -> tuple[int, ...]:
+    """The tokens that end a reply under the checkpoint's chat format (none under the plain one)."""
+    if ckpt.tokenizer is None:
+        return ()
+    from deepseek_lm.data.chat import ChatFormat
+
+    return ChatFormat.for_tokenizer(ckpt.tokenizer, ckpt.chat_template).stop_token_ids
 
 
 def write_tokenizer_files(

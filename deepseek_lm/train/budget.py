@@ -31,7 +31,7 @@ class TimeBudget:
         t = self.t
         step_time = (t.state.train_seconds - self.seconds_before) / self.steps if self.steps else 0.0
         # the final evaluation is forward-only over the validation split: ~1/3 of a training step per batch
-        final_eval_s = len(t.data.tokens("val")) / t.tokens_per_step / 3 * step_time
+        final_eval_s = t.data.manifest["splits"]["val"]["tokens"] / t.tokens_per_step / 3 * step_time
         usable_s = max(self.total_s - final_eval_s - FINISH_RESERVE_S, 1e-9)
         return t.state.train_seconds / usable_s
 

@@ -31,6 +31,9 @@ class TrainConfig:
     """Sequences per forward pass, per process."""
     grad_accum_steps: int = 8
     """Micro-batches per optimizer step; global batch = micro-batch × accumulation × processes."""
+    chat_packing: bool = True
+    """Fine-tuning: pack several conversations into each window (attention never crosses between them, each
+    starts at position 0) instead of one conversation per row padded to the batch's longest."""
 
     # length
     epochs: float = 5.0

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from deepseek_lm import checkpoint as ckpt
+from deepseek_lm.model.loss import IGNORE_INDEX
 from deepseek_lm.train import distributed as D
 from deepseek_lm.train import expert_parallel as EP
 from deepseek_lm.train.budget import TimeBudget
@@ -101,10 +102,11 @@ def mtp_weight(t: Trainer) -> float:
     return cfg.mtp_weight if progress < cfg.mtp_weight_switch else cfg.mtp_weight_final
 
 
-def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor, sync: bool) -> Any:
-    """One micro-batch: forward with the step's precision, backward of (CE + MoE aux + λ · MTP) / accumulation."""
+def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor, sync: bool, **inputs: Any) -> Any:
+    """One micro-batch: forward with the step's precision, backward of (CE + MoE aux + λ · MTP) / accumulation.
+    `inputs`: the batch's other model inputs (packed conversations' `doc_ids`)."""
     with D.grad_sync(t.model, sync), t.precision.autocast():
-        out = t.model(x, targets=y)
+        out = t.model(x, targets=y, **inputs)
         loss = out.loss + out.aux_loss
         if out.mtp_losses:  # DeepSeek-V3 eq. 25: λ times the mean over depths
             loss = loss + mtp_weight(t) * torch.stack(out.mtp_losses).mean()
@@ -169,12 +171,18 @@ def run_micro_batches(t: Trainer) -> tuple[torch.Tensor, int, int]:
     """Forward + backward over the step's micro-batches -> (summed stats vector, MoE layers, MTP depths)."""
     accum, total = t.cfg.grad_accum_steps, None
     for i in range(accum):
-        x, y = next(t.loader)  # (B, T) each
-        x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
-        out = forward_backward(t, x, y, sync=i == accum - 1)
+        x, y, inputs = on_device(next(t.loader), t.device)  # (B, T) each
+        out = forward_backward(t, x, y, sync=i == accum - 1, **inputs)
         stats = _micro_batch_stats(out)
         total = stats if total is None else total + stats
     return total, len(out.router_stats or []), len(out.mtp_losses)
+
+
+def on_device(batch: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """A loader's (x, y) or (x, y, {other model inputs}) → the same on `device`, the inputs as a dict."""
+    x, y, *rest = batch
+    inputs = {k: v.to(device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), inputs
 
 
 def train_step(t: Trainer, stop_requested: bool) -> StepResult:
@@ -210,17 +218,17 @@ def evaluate(t: Trainer, max_batches: int | None) -> dict[str, float]:
     scores, so that the best checkpoint is chosen by one yardstick. Every rank evaluates the same windows
     (deterministic): no reduction is needed, and FSDP2's collectives line up.
     """
-    from deepseek_lm.data import eval_batches
-
     model = t.model if t.fsdp else t.raw_model  # DDP's wrapper is for training only
     model.eval()
     total = count = selection_total = selection_count = 0.0  # Σ loss·tokens and Σ tokens
     mtp_K = None  # per MTP depth: Σ loss·targets, Σ top-1 hits, Σ targets
-    batches = eval_batches(t.data.tokens("val"), t.cfg.seq_len, t.cfg.micro_batch_size, max_batches)
-    for i, (x, y) in enumerate(batches):
+    batches = t.data.val_batches(t.cfg.seq_len, t.cfg.micro_batch_size, max_batches)
+    for i, batch in enumerate(batches):
+        x, y, inputs = on_device(batch, t.device)
         with t.precision.autocast():
-            out = model(x.to(t.device), targets=y.to(t.device))
-        total, count = total + out.loss.item() * y.numel(), count + y.numel()
+            out = model(x, targets=y, **inputs)
+        n = int((y != IGNORE_INDEX).sum())  # every token of text; the answers of conversations
+        total, count = total + out.loss.item() * n, count + n
         if i < t.cfg.eval_batches:
             selection_total, selection_count = total, count
         if out.mtp_losses:
@@ -359,11 +367,13 @@ def run_samples(t: Trainer, monitor: Monitor | None) -> list[str]:
     if not t.dist.is_main:
         return []
     model = t.raw_model if state is None else plain_copy(t, state)
-    texts = generate_samples(model, t.data.tokenizer, t.cfg, seed=t.cfg.seed)
+    chat = t.data.chat_template
+    texts = generate_samples(model, t.data.tokenizer, t.cfg, seed=t.cfg.seed, chat_template=chat)
     model.train()
     if monitor is not None:
         monitor.log({"kind": "sample", "step": t.state.step, "prompts": t.cfg.sample_prompts, "texts": texts})
-        monitor.print(f"samples at step {t.state.step}:\n" + format_samples(t.cfg.sample_prompts, texts))
+        samples = format_samples(t.cfg.sample_prompts, texts, between=" → " if chat is not None else "")
+        monitor.print(f"samples at step {t.state.step}:\n" + samples)
     return texts
 
 

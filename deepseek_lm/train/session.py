@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from deepseek_lm.train.config import TrainConfig
 from deepseek_lm.train.loop import StopSignal, run_eval, run_samples, train_loop
 from deepseek_lm.train.monitor import Monitor, init_wandb, measure_matmul_peak, truncate_metrics
 from deepseek_lm.train.plots import plot_run
-from deepseek_lm.train.trainer import Trainer, build_trainer, save
+from deepseek_lm.train.trainer import Trainer, build_trainer, open_data, save
 
 STOP_MESSAGES = {
     "done": "finished",
@@ -58,21 +59,29 @@ def train(
     resume: bool = False,
     preset: str | None = None,
     stop_at_step: int | None = None,
+    data_source: Callable[[TrainConfig, D.DistInfo], Any] = open_data,
+    initial_state: Mapping[str, Any] | None = None,
+    eval_first: bool = False,
 ) -> TrainResult:
     """Train in `out_dir` (created); with `resume`, continue from its latest complete checkpoint.
 
     `stop_at_step` ends this invocation after that optimizer step (evaluate, save) without shortening
-    the schedule: a long run in chunks, e.g. on preemptible machines.
+    the schedule: a long run in chunks, e.g. on preemptible machines. `data_source` and `initial_state` as
+    in `build_trainer` (fine-tuning: train/finetune.py); `eval_first` evaluates before the first step.
     """
     start = time.monotonic()
     stop = StopSignal().install()
     monitor, t = None, None
     try:
-        t = build_trainer(model_config, cfg, out_dir, resume=resume)
+        t = build_trainer(
+            model_config, cfg, out_dir, resume=resume, data_source=data_source, initial_state=initial_state
+        )
         if t.dist.is_main:
             prepare_run_dir(t, resume, preset)
             monitor = make_monitor(t)
         with D.collective_guard(t.dist):
+            if eval_first and t.resumed_from is None:  # the starting point, e.g. the base model's answer loss
+                run_eval(t, monitor, None, save_if_best=False)
             peak = t.cfg.peak_flops or measure_matmul_peak(t.device, t.precision.dtype)
             reason = train_loop(t, monitor, stop, peak, stop_at_step)
             result = finish(t, monitor, reason, time.monotonic() - start)
@@ -211,6 +220,7 @@ def summary(t: Trainer, r: TrainResult) -> str:
             f"final: val loss {r.val['loss']:.4f} · perplexity {r.val['perplexity']:.1f} · "
             f"{bpb:.3f} bits/byte{verdict}",
             f"saved {r.checkpoint} (best: {best}); plots and metrics.jsonl in {t.run_dir}",
-            f'next: deepseek-lm generate --checkpoint {t.run_dir} --prompt "The "',
+            f"next: deepseek-lm generate --checkpoint {t.run_dir} "
+            + ("--chat" if t.data.chat_template is not None else '--prompt "The "'),
         ]
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    data: Any  # deepseek_lm.data.PreparedData
+    data: Any  # its data source: deepseek_lm.data.PreparedData, or ChatData (fine-tuning)
     loader: Any  # deepseek_lm.data.TokenLoader
     total_steps: int
     state: TrainState = field(default_factory=TrainState)
@@ -113,18 +114,26 @@ def build_model(config: DeepSeekConfig, cfg: TrainConfig, device: torch.device) 
 
 
 def model_for_run(
-    config: DeepSeekConfig, cfg: TrainConfig, data: Any, device: torch.device, resume_dir: Path | None
+    config: DeepSeekConfig,
+    cfg: TrainConfig,
+    data: Any,
+    device: torch.device,
+    resume_dir: Path | None,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[DeepSeekConfig, nn.Module]:
-    """A fresh model sized to the tokenizer, or the checkpoint's architecture and weights on resume."""
+    """A fresh model sized to the tokenizer, or `config` with `initial_state`'s weights (fine-tuning), or the
+    checkpoint's architecture and weights on resume."""
     if resume_dir is not None:
         config, _ = ckpt.read_config_json(resume_dir)
-    else:
+    elif initial_state is None:
         config = fit_vocab(config, data, cfg.vocab_multiple)
     check_vocab(config, data)
     model = build_model(config, cfg, device)
     if resume_dir is not None:
         state = ckpt.read_model_state(resume_dir, device)
         ckpt.load_model_weights(model, state, config, resume_dir / ckpt.MODEL_FILE)
+    elif initial_state is not None:
+        ckpt.load_model_weights(model, initial_state, config, data.path)
     return config, model
 
 
@@ -139,25 +148,31 @@ def total_steps(cfg: TrainConfig, loader: Any) -> int:
 
 
 def build_trainer(
-    model_config: DeepSeekConfig, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False
+    model_config: DeepSeekConfig,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    data_source: Callable[[TrainConfig, D.DistInfo], Any] = open_data,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
 ) -> Trainer:
-    """Set up a run in `run_dir`; with `resume`, continue from its latest complete checkpoint if any."""
-    from deepseek_lm.data import TokenLoader
+    """Set up a run in `run_dir`; with `resume`, continue from its latest complete checkpoint if any.
 
+    `data_source(cfg, dist)` opens the data once the processes are up: by default the prepared token files
+    (`open_data`); fine-tuning passes its conversations, and the weights to start from as `initial_state`."""
     info = D.init_distributed(cfg.device, cfg.dist_timeout_s)
     device = D.local_device(info, choose_device(cfg.device))
     precision = choose_precision(cfg.precision, device)
     run_dir = Path(run_dir)
-    data = open_data(cfg, info)
+    data = data_source(cfg, info)
     resume_dir = ckpt.latest_checkpoint(run_dir, training=True) if resume else None
-    model_config, raw_model = model_for_run(model_config, cfg, data, device, resume_dir)
+    model_config, raw_model = model_for_run(model_config, cfg, data, device, resume_dir, initial_state)
     ep = expert_parallel(raw_model, cfg, info, precision)
     model = prepare_model(raw_model, cfg, info, device, precision, ep)
     optimizer = build_optimizer(model, cfg, device.type)
-    loader = TokenLoader(
-        data.tokens("train"), cfg.seq_len, cfg.micro_batch_size,
-        seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-    )  # fmt: skip
+    loader = data.train_loader(
+        cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size
+    )
     steps = total_steps(cfg, loader)
     trainer = Trainer(
         model_config, cfg, run_dir, info, device, precision, raw_model, model, optimizer,
@@ -289,7 +304,7 @@ def save(t: Trainer, *, is_best: bool = False) -> Path | None:
             path = ckpt.save_training_checkpoint(
                 t.run_dir, t.state.step, model_state, t.model_config, trainer_state,
                 tokenizer=t.data.tokenizer, train_config=t.cfg.to_dict(),
-                is_best=is_best, keep_last=t.cfg.keep_last,
+                is_best=is_best, keep_last=t.cfg.keep_last, chat_template=t.data.chat_template,
             )  # fmt: skip
         except ckpt.CheckpointError as e:
             error = str(e)
