@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser test train bench lint format clean
+.PHONY: setup browser test train chat bench lint format clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,13 @@ test: setup browser
 # CPU, evaluate, print samples, save under runs/demo
 train: setup
 	$(PY) -m deepseek_lm train
+
+# chat with the demo model: pretrain it if runs/demo has no checkpoint (~7 min), fine-tune it on the built-in
+# instruction set if runs/chat has none (~3 min on CPU), then a terminal chat (Ctrl-C stops a reply, Ctrl-D quits)
+chat: setup
+	test -e runs/demo/latest || $(PY) -m deepseek_lm train
+	test -e runs/chat/latest || $(PY) -m deepseek_lm finetune --checkpoint runs/demo --out runs/chat
+	$(PY) -m deepseek_lm generate --checkpoint runs/chat --chat
 
 # training and decoding throughput, side by side with transformers (a few minutes on 2 cores)
 bench: setup

@@ -48,6 +48,7 @@ def toy_config(**overrides) -> TrainConfig:
     settings = dict(
         seq_len=64, micro_batch_size=4, lr=6e-3, warmup_steps=5, max_steps=60, eval_every=30, eval_batches=2,
         save_every=30, sample_every=0, sample_max_new_tokens=12, peak_flops=1e12, log_every=5,
+        max_time_minutes=None, schedule_by_time=False,
     )  # fmt: skip
     return TrainConfig.from_dict({**TrainConfig().to_dict(), **FINETUNE_DEFAULTS, **settings, **overrides})
 

@@ -12,6 +12,11 @@ Two built-in templates:
   model starts a new role line (`PLAIN_STOP`) or ends the document (<|endoftext|>).
 - `TOKEN_CHAT_TEMPLATE`, for a model fine-tuned with role tokens (`deepseek-lm finetune` adds them to the
   tokenizer): `<|user|>content<|end|><|assistant|>...`; an assistant turn ends with the `<|end|>` token.
+  No newline follows a role token: the special token already separates the turns (a newline would be one
+  more token per turn that carries nothing), and the content then starts as a document does in pretraining,
+  right after a special token. `<|end|>` ends a turn, `<|endoftext|>` stays the end of a document: fine-tuning
+  never puts `<|endoftext|>` after a conversation (packed conversations are kept apart by the attention
+  mask instead), so a reply ends with `<|end|>`, and generation stops at either (`stop_token_ids` + EOS).
 
 A checkpoint stores its template as `chat_template.jinja` (transformers' file name); one without a template
 chats through `TOKEN_CHAT_TEMPLATE` when its tokenizer has the role tokens, else `PLAIN_CHAT_TEMPLATE`.

@@ -50,14 +50,16 @@ CHAT_PROMPTS = [
     "What is the `csv` module for?",
 ]
 
-# Fine-tuning's overrides of TrainConfig's defaults (the base model's architecture is kept). Measured on the
-# built-in instruction set (README, "Chat"): see there for the figures behind them.
+# Fine-tuning's overrides of TrainConfig's defaults (the base model's architecture is kept): windows of 256
+# (the built-in set's conversations average ~42 tokens: ~6 to a window), 8 windows a step, a 3-minute
+# wall-clock budget on which the learning rate decays (as the demo's, so `make chat` takes the same time on
+# any machine; at most 3 epochs), greedy samples. Figures: README, "Chat".
 # fmt: off
 FINETUNE_DEFAULTS: dict[str, Any] = dict(
-    seq_len=256, micro_batch_size=8, grad_accum_steps=1, epochs=1.0, max_steps=None, lr=1e-3,
-    warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, eval_every=100, eval_batches=20,
-    sample_every=200, save_every=200, log_every=10, sample_prompts=CHAT_PROMPTS, sample_max_new_tokens=60,
-    sample_temperature=0.0,
+    seq_len=256, micro_batch_size=8, grad_accum_steps=1, epochs=3.0, max_steps=None, max_time_minutes=3.0,
+    schedule_by_time=True, lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, grad_clip=1.0, eval_every=100,
+    eval_batches=25, sample_every=200, save_every=200, log_every=10, sample_prompts=CHAT_PROMPTS,
+    sample_max_new_tokens=60, sample_temperature=0.0,
 )
 # fmt: on
 
@@ -79,28 +81,16 @@ def finetune(
     """
     out = Path(out_dir)
     latest = ckpt.latest_checkpoint(out, training=True) if resume else None
-    if latest is not None:
-        config, _ = ckpt.read_config_json(latest)
-        tokenizer, template = ckpt.load_tokenizer_file(latest), ckpt.read_chat_template(latest)
-        state, to_prepare = None, None
-        if cfg.data_dir is None or template is None:
-            raise UserError(
-                f"{latest} is not a fine-tuning checkpoint (no chat data or template): use `train --resume`"
-            )
+    if latest is not None:  # the run's own model, tokenizer, template and data
+        config, tokenizer, template, state, to_prepare = *_from_run(latest, cfg), None, None
     else:
-        if checkpoint is None:
-            raise UserError("--checkpoint DIR is required: the model to fine-tune")
-        base = ckpt.load_checkpoint(checkpoint)
-        tokenizer, template = chat_tokenizer(base)
-        config, state = grow_vocab(
-            base.config,
-            base.model.state_dict(),
-            base.tokenizer.get_vocab_size(),
-            tokenizer.get_vocab_size(),
-            cfg.vocab_multiple,
-        )
+        config, tokenizer, template, state = _from_base(checkpoint, cfg.vocab_multiple)
         to_prepare, chat_dir = _chat_data(data, out)
         cfg = replace(cfg, data_dir=str(chat_dir))
+    if cfg.seq_len > config.max_position_embeddings:
+        raise UserError(
+            f"--train.seq_len {cfg.seq_len} exceeds the model's context ({config.max_position_embeddings})"
+        )
 
     def open_chat(cfg: TrainConfig, dist: D.DistInfo) -> ChatData:
         if to_prepare is not None and dist.is_main:
@@ -112,6 +102,27 @@ def finetune(
         config, cfg, out, resume=resume, preset="finetune", stop_at_step=stop_at_step,
         data_source=open_chat, initial_state=state, eval_first=True,
     )  # fmt: skip
+
+
+def _from_run(latest: Path, cfg: TrainConfig) -> tuple[DeepSeekConfig, Any, str]:
+    config, _ = ckpt.read_config_json(latest)
+    template = ckpt.read_chat_template(latest)
+    if cfg.data_dir is None or template is None:
+        raise UserError(
+            f"{latest} is not a fine-tuning checkpoint (no chat data or template): use `train --resume`"
+        )
+    return config, ckpt.load_tokenizer_file(latest), template
+
+
+def _from_base(checkpoint: str | Path | None, multiple: int) -> tuple[DeepSeekConfig, Any, str, dict]:
+    """The base model grown to the chat tokenizer: (config, tokenizer, template, weights)."""
+    if checkpoint is None:
+        raise UserError("--checkpoint DIR is required: the model to fine-tune")
+    base = ckpt.load_checkpoint(checkpoint)
+    tokenizer, template = chat_tokenizer(base)
+    known, vocab = base.tokenizer.get_vocab_size(), tokenizer.get_vocab_size()
+    config, state = grow_vocab(base.config, base.model.state_dict(), known, vocab, multiple)
+    return config, tokenizer, template, state
 
 
 def _chat_data(
