@@ -251,3 +251,21 @@ def test_builtin_instruction_set_is_split_by_module_as_the_corpus():
     assert dumps["messages"][-1 if dumps["id"].endswith(":do") else -3]["content"].startswith(
         "Serialize ``obj`` to a JSON formatted ``str``"
     )
+
+
+def test_packed_mtp_modules_predict_within_each_conversation_only(tiny_config):
+    from dataclasses import replace
+
+    model = get_model(replace(tiny_config, num_nextn_predict_layers=2)).eval()
+    examples = _examples([9, 12, 6])
+    for e in examples:
+        e.y[:] = np.arange(2, 2 + len(e.y))  # every position a target: the depths' crossings would count
+    x, y, inputs = collate(examples, [[0, 1, 2]], 32, pad_id=1, packing=True)
+    with torch.no_grad():
+        packed = model(x, targets=y, **inputs)
+        alone = [model(torch.from_numpy(e.x)[None], targets=torch.from_numpy(e.y)[None]) for e in examples]
+    for k in range(2):  # per depth: the token-weighted mean of each conversation's own loss
+        tokens = sum(a.mtp_tokens[k] for a in alone)
+        assert packed.mtp_tokens[k] == tokens  # no prediction reaches from one conversation into the next
+        expected = sum(a.mtp_losses[k] * a.mtp_tokens[k] for a in alone) / tokens
+        torch.testing.assert_close(packed.mtp_losses[k], expected, atol=1e-5, rtol=1e-5)

@@ -121,7 +121,7 @@ def main_generate(argv: list[str]) -> int:
         else:  # in batches of --batch-size, each printed as soon as it is done
             for start in range(0, len(prompts), args.batch_size):
                 _print_batch(engine, prompts[start : start + args.batch_size], start, settings)
-        if args.interactive:
+        if args.interactive and not args.chat:  # --chat's own loop has run already
             _interactive(engine, settings)
     return 0
 

@@ -51,7 +51,7 @@ from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.model.block import Block
 from deepseek_lm.model.layers import RMSNorm
 from deepseek_lm.model.loss import linear_cross_entropy
-from deepseek_lm.model.mla import Positions, make_positions
+from deepseek_lm.model.mla import Positions, make_positions, packed_positions
 from deepseek_lm.model.moe import RouterStats
 
 
@@ -94,23 +94,29 @@ class MTPOutput:
 
 
 def mtp_objective(
-    model: nn.Module, h_BTD: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor
-) -> MTPOutput:
+    model: nn.Module, h_BTD: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+) -> MTPOutput:  # fmt: skip
     """The modules' losses for a window: h_BTD the main model's final-normed states, input_ids (B, T) the
-    tokens t_0 .. t_{T-1}, targets (B, T) the tokens t_1 .. t_T (-100 = ignore)."""
+    tokens t_0 .. t_{T-1}, targets (B, T) the tokens t_1 .. t_T (-100 = ignore); doc_ids (B, T) for rows that
+    pack several sequences (the model's forward)."""
     B, T, _ = h_BTD.shape
     if len(model.mtp) >= T:
         raise ValueError(f"a window of {T} tokens is too short for {len(model.mtp)} MTP depth(s)")
     out, h = MTPOutput(), h_BTD
     for k, module in enumerate(model.mtp, start=1):
         n = T - k  # positions i with both t_{i+k} (input) and t_{i+k+1} (target) in the window
-        pos = make_positions(model.rope, B, n, 0, False, n)
+        y = targets[:, k:]
+        if doc_ids is None:
+            pos = make_positions(model.rope, B, n, 0, False, n)
+        else:  # packed: each sequence on its own, and no prediction from one sequence into the next
+            pos = packed_positions(model.rope, doc_ids[:, :n])
+            y = y.masked_fill(doc_ids[:, :n] != doc_ids[:, k:], -100)
         args = (h[:, :n], model.embed_tokens(input_ids[:, k:]), pos)
         if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
             h, aux, stats = checkpoint(module, *args, use_reentrant=False)
         else:
             h, aux, stats = module(*args)
-        y = targets[:, k:]
         loss, top1 = linear_cross_entropy(h, model.lm_head.weight, y, count_top1=True)
         out.losses.append(loss)
         out.top1.append(top1)

@@ -164,7 +164,7 @@ class DeepSeekLM(nn.Module):
             out = ModelOutput(loss=linear_cross_entropy(h, self.lm_head.weight, targets), aux_loss=aux)
             out.router_stats = stats
             if self.mtp:
-                mtp = mtp_objective(self, h, input_ids, targets)
+                mtp = mtp_objective(self, h, input_ids, targets, doc_ids)
                 out.mtp_losses, out.mtp_top1, out.mtp_tokens = mtp.losses, mtp.top1, mtp.tokens
                 out.router_stats = stats + mtp.router_stats
                 if mtp.aux_loss is not None:
