@@ -224,3 +224,17 @@ def test_an_offline_dataset_fails_at_once_with_one_line(base, tmp_path, capsys, 
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--dataset someone/chats" in line and "offline" in line
     assert not os.path.exists(tmp_path / "r" / "checkpoints")
+
+
+def test_serve_answers_in_the_fine_tuned_chat_format_and_ends_at_its_end_token(toy_run):
+    from serve_helpers import LiveServer
+
+    live = LiveServer(load_checkpoint(toy_run), max_batch_size=2)
+    try:
+        for question, answer in list(TOY.items())[:2]:
+            out = live.client().chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=32
+            )
+            assert out.choices[0].message.content == answer and out.choices[0].finish_reason == "stop"
+    finally:
+        live.stop()
