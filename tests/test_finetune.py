@@ -16,6 +16,7 @@ from deepseek_lm.cli import main
 from deepseek_lm.data.chat import ChatFormat, check_messages
 from deepseek_lm.data.chat_data import ChatPrepareConfig
 from deepseek_lm.generate import Engine
+from deepseek_lm.generate.sampling import SamplingConfig
 from deepseek_lm.train.config import TrainConfig
 from deepseek_lm.train.finetune import FINETUNE_DEFAULTS, finetune, grow_vocab
 from deepseek_lm.train.monitor import read_metrics
@@ -153,7 +154,10 @@ def test_export_gives_transformers_our_chat_ids_and_stops_its_generate_at_the_en
     out = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[
         0, len(prompt) :
     ].tolist()
-    (mine,) = Engine(ckpt.model, ckpt.tokenizer).generate_ids([prompt], 16, stop_token_ids=fmt.stop_token_ids)
+    greedy = SamplingConfig(temperature=0.0)
+    (mine,) = Engine(ckpt.model, ckpt.tokenizer).generate_ids(
+        [prompt], 16, sampling=greedy, stop_token_ids=fmt.stop_token_ids
+    )
     assert (
         out == [*mine.token_ids, end]
         and hf_tok.decode(out, skip_special_tokens=True) == TOY[chat[-1]["content"]]
