@@ -137,15 +137,15 @@ def test_draft_and_verification_steps_equal_the_model():
     with torch.no_grad():
         for c in (cache, ref_cache):
             model(prompt, cache=c, start_pos=0)
-        states = decoder.verify(ids, cache, pos_BT, end=10)
+        states = decoder.verify(ids, pos_BT, [kv[:, :10] for kv in cache.kv])
         want = model(ids, cache=ref_cache, start_pos=pos, return_hidden=True).hidden
         torch.testing.assert_close(states, want, atol=ATOL, rtol=0)
         kv, ref_kv = decoder.new_draft_cache(16), decoder.new_draft_cache(16)
         h, tokens = torch.randn(B, 6, 64), torch.randint(0, 64, (B, 6))
         module = model.mtp[0]
         module(h, model.embed_tokens(tokens), make_positions(model.rope, B, 6, 0, True, 16), ref_kv)
-        decoder.draft(tokens, h, kv, torch.arange(6).expand(B, 6), end=6)
-        got = decoder.draft(ids, states, kv, pos_BT, end=10)
+        decoder.draft(tokens, h, torch.arange(6).expand(B, 6), kv[:, :6])
+        got = decoder.draft(ids, states, pos_BT, kv[:, :10])
         ref, _, _ = module(
             states, model.embed_tokens(ids), make_positions(model.rope, B, T, pos, True, 16), ref_kv
         )

@@ -19,14 +19,16 @@ Rollback copies nothing: the positions of rejected drafts are not advanced, so t
 their latents, in both caches, before anything attends to them (the caches are position-indexed and masked).
 
 The prompt is prefilled in one forward that keeps every position's state; the module then runs over the
-prompt's pairs and the first token, which fills its cache and gives the first draft. Stop strings, the end of
+prompt's pairs and the first token (`draft_prefill`), which fills its cache and gives the first draft.
+The steps of a round are functions of a group of rows (`accept_greedy`, `accept_sampled`, `chain`), shared
+with serve's continuous batching (speculative_batching.py), whose rows each have their own settings. Stop strings, the end of
 text and the end of the context end a row as in plain decoding: a round's tokens are kept up to the first
 end. The repetition penalty is not supported (it would make p depend on each draft's own prefix).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,68 @@ class SpeculativeStats:
     @property
     def acceptance(self) -> float:
         return self.accepted / max(self.drafted, 1)
+
+
+def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, D + 1, V) of the verified positions, drafts (B, D) -> the argmaxes y (B, D + 1) and how
+    many drafts each row keeps (B,): the longest prefix equal to the argmaxes (y[:, a] follows them)."""
+    B, T, V = logits.shape
+    y = argmax(logits.reshape(B * T, V)).view(B, T)
+    return y, (drafts == y[:, :-1]).cumprod(1).sum(1)
+
+
+def accept_sampled(
+    logits: torch.Tensor,
+    drafts: torch.Tensor,
+    q: torch.Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling of rows that share `sampling` and `generator`: logits (B, D + 1, V), drafts
+    (B, D) drawn from q (B, D, V) -> tokens (B, D + 1): the kept drafts, then the token drawn after them
+    (later columns: rejected drafts); and how many drafts each row keeps (B,)."""
+    B, T, V = logits.shape
+    rows = torch.arange(B, device=logits.device)
+    p = probabilities(logits.reshape(B * T, V), sampling).view(B, T, V)
+    p_d, q_d = p[:, :-1].gather(2, drafts[..., None])[..., 0], q.gather(2, drafts[..., None])[..., 0]
+    u = torch.rand(drafts.shape, generator=generator, dtype=torch.float64, device=drafts.device)
+    accepted = (u * q_d < p_d).cumprod(1).sum(1)  # keep d_j with probability min(1, p / q)
+    p_a = p[rows, accepted]  # (B, V) at the first rejection, or p_D
+    q_a = torch.cat((q, torch.zeros_like(q[:, :1])), dim=1)[rows, accepted]  # zero past the drafts
+    y = torch.cat((drafts, drafts[:, :1]), dim=1)
+    y[rows, accepted] = draw(residual(p_a, q_a), generator)
+    return y, accepted
+
+
+Propose = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def chain(
+    state: torch.Tensor, n_drafts: int, propose: Propose, step: Callable[..., torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drafts d_1 .. d_n (B, n) and their distributions (B, n, V) (None: greedy) from the module's state
+    (B, D) after the newest token: d_1 from `state`, then the module on (its state, its draft) one position
+    further per draft. propose(state (B, D)) -> (drafts (B,), distributions (B, V) or None); step(ids (B, 1),
+    h (B, 1, D), k) -> the module's states (B, 1, D) at the newest token's position + k - 1."""
+    drafts, qs = [], []
+    for k in range(n_drafts):
+        if k:
+            state = step(drafts[-1][:, None], state[:, None], k)[:, 0]
+        d, q = propose(state)
+        drafts.append(d)
+        qs.append(q)
+    return torch.stack(drafts, dim=1), None if qs[0] is None else torch.stack(qs, dim=1)
+
+
+def draft_prefill(
+    model: Any, states: torch.Tensor, next_ids: torch.Tensor, start: int, draft_kv: torch.Tensor
+) -> torch.Tensor:
+    """The first MTP module (the model's forward, as a prefill) over the pairs (h_i, t_{i+1}) at positions
+    start .. start + T - 1: states (B, T, D) the main model's, next_ids (B, T) the tokens one position ahead.
+    Writes its latents into draft_kv (B, L, r + dr) -> its normed states (B, T, D)."""
+    at = make_positions(model.rope, *next_ids.shape, start, True, draft_kv.shape[1])
+    out, _, _ = model.mtp[0](states, model.embed_tokens(next_ids), at, draft_kv)
+    return out
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -149,8 +213,7 @@ class SpeculativeState(_DecodeState):
         # the module's pairs (h_i, t_{i+1}): the prompt shifted by one, then the first token at the row's end
         ids = torch.cat((self.prompt[:, 1:], self.prompt[:, :1]), dim=1)
         ids.scatter_(1, self._tensor(self.pos - 1)[:, None], y0[:, None])
-        at = make_positions(self.model.rope, *ids.shape, 0, True, self.draft_kv.shape[1])
-        states, _, _ = self.model.mtp[0](self.prompt_states, self.model.embed_tokens(ids), at, self.draft_kv)
+        states = draft_prefill(self.model, self.prompt_states, ids, 0, self.draft_kv)
         self.last = y0
         self._chain(states[self.rows, self._tensor(self.pos - 1)])
         del self.prompt, self.prompt_states
@@ -161,14 +224,14 @@ class SpeculativeState(_DecodeState):
         ids = torch.cat((self.last[:, None], self.drafts), dim=1)  # (B, T)
         pos_BT = self._tensor(P[:, None] + np.arange(T))
         end = int(P.max()) + T
+        kvs = [self._upto(kv, end) for kv in self.cache.kv]
         if self.sampling.greedy:  # one function from the drafts to the next drafts (one graph compiled)
-            y, accepted, drafts, logits = self.decoder.greedy_round(
-                ids, self.cache, self.draft_kv, pos_BT, end
-            )
+            draft_kv = self._upto(self.draft_kv, end + T - 2)
+            y, accepted, drafts, logits = self.decoder.greedy_round(ids, pos_BT, kvs, draft_kv)
         else:
-            states = self.decoder.verify(ids, self.cache, pos_BT, end)  # (B, T, D_model)
+            states = self.decoder.verify(ids, pos_BT, kvs)  # (B, T, D_model)
             logits = self.decoder.logits(states)  # (B, T, V)
-            y, accepted = self._accept(logits)  # (B, T) tokens, (B,) drafts kept
+            y, accepted = accept_sampled(logits, self.drafts, self.q, self.sampling, self.generator)
         host = torch.cat((y, accepted[:, None]), dim=1).cpu().numpy()  # the round's one read-back
         self._record(host[:, -1])
         written = self._emit(host[:, :-1], host[:, -1], logits)
@@ -178,44 +241,29 @@ class SpeculativeState(_DecodeState):
             self.drafts = drafts
             return
         # the module over the verified pairs (h_{P+j}, t_{P+j+1}); the state at the last kept position drafts
-        states = self.decoder.draft(y, states, self.draft_kv, pos_BT, end)
+        states = self.decoder.draft(y, states, pos_BT, self._upto(self.draft_kv, end))
         self._chain(states[self.rows, accepted])
 
-    def _accept(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Speculative sampling -> tokens (B, D + 1): the kept drafts, then the token drawn after them (later
-        columns: rejected drafts); and how many drafts each row keeps (B,)."""
-        B, T, V = logits.shape
-        p = probabilities(logits.view(B * T, V), self.sampling).view(B, T, V)
-        d, q = self.drafts, self.q  # (B, D), (B, D, V)
-        p_d, q_d = p[:, :-1].gather(2, d[..., None])[..., 0], q.gather(2, d[..., None])[..., 0]
-        u = torch.rand(d.shape, generator=self.generator, dtype=torch.float64, device=d.device)
-        accepted = (u * q_d < p_d).cumprod(1).sum(1)  # keep d_j with probability min(1, p / q)
-        p_a = p[self.rows, accepted]  # (B, V) at the first rejection, or p_D
-        q_a = torch.cat((q, torch.zeros_like(q[:, :1])), dim=1)[self.rows, accepted]  # zero past the drafts
-        y = torch.cat((d, d[:, :1]), dim=1)
-        y[self.rows, accepted] = draw(residual(p_a, q_a), self.generator)
-        return y, accepted
+    def _upto(self, kv: torch.Tensor, end: int) -> torch.Tensor:
+        """The cache positions a step attends to: up to `end` eager, all compiled (static shapes)."""
+        return kv if self.decoder.compile else kv[:, :end]
 
     def _chain(self, state: torch.Tensor) -> None:
-        """Drafts d_1 .. d_D (and their distributions) from the module's state after the newest token:
-        d_1 from `state`, then the module on (its state, its draft) one position further per draft."""
-        drafts, qs = [], []
-        for k in range(self.drafts_per_round):
-            if k:  # draft k + 1 is made at the newest token's position + k - 1
-                pos = self.pos + k - 1
-                at = self._tensor(pos[:, None])
-                state = self.decoder.draft(
-                    drafts[-1][:, None], state[:, None], self.draft_kv, at, int(pos.max()) + 1
-                )
-                state = state[:, 0]
-            logits = self.decoder.logits(state)
-            if self.sampling.greedy:
-                drafts.append(argmax(logits))
-            else:
-                qs.append(probabilities(logits, self.sampling))
-                drafts.append(draw(qs[-1], self.generator))
-        self.drafts = torch.stack(drafts, dim=1)  # (B, D)
-        self.q = torch.stack(qs, dim=1) if qs else None  # (B, D, V)
+        """The next round's drafts (and their distributions) from the module's state after the newest token."""
+
+        def step(ids: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
+            pos = self.pos + k - 1  # draft k + 1 is made at the newest token's position + k - 1
+            kv = self._upto(self.draft_kv, int(pos.max()) + 1)
+            return self.decoder.draft(ids, h, self._tensor(pos[:, None]), kv)
+
+        self.drafts, self.q = chain(state, self.drafts_per_round, self._propose, step)  # (B, D), (B, D, V)
+
+    def _propose(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.decoder.logits(state)
+        if self.sampling.greedy:
+            return argmax(logits), None
+        q = probabilities(logits, self.sampling)
+        return draw(q, self.generator), q
 
     def _emit(self, y: np.ndarray, accepted: np.ndarray, logits: torch.Tensor) -> np.ndarray:
         """Write each decoding row's tokens y[:, :accepted + 1] (B, T), cut after the end of text and at its

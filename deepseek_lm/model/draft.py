@@ -15,6 +15,10 @@ rolled back by not advancing the positions, in both caches.
 
 Both steps are functions of tensors with static shapes, so `compile=True` runs them through torch.compile
 (one graph per batch size, tokens per row and cache length), up to the head, as decode.py's step.
+`batch_invariant=True` builds them as decode.py's batch-invariant decoder (every product through oneDNN,
+the module's included; routing padded; the attention's values summed over fixed slices): a row's states,
+logits and drafts are then bitwise its own whatever rows share the step and whatever length it attends
+to, so a whole round is (what serve's speculative batching relies on).
 
 Legend: B rows, T tokens per row, N = B·T, D hidden, V vocabulary, L cache positions attended.
 """
@@ -34,6 +38,8 @@ from deepseek_lm.model.decode import (
     _attention_weights,
     _ffn_weights,
     _head,
+    _held,
+    _mm,
     _rms_norm,
     compiled,
     decode_states,
@@ -41,7 +47,6 @@ from deepseek_lm.model.decode import (
     dense_experts,
     step_positions,
 )
-from deepseek_lm.model.mla import LatentCache
 from deepseek_lm.model.mtp import MTPModule
 from deepseek_lm.model.transformer import DeepSeekLM
 
@@ -57,15 +62,21 @@ class DraftWeights:
     norm: torch.Tensor  # (D,) shared_head.norm
 
 
-def _draft_weights(module: MTPModule, dense: bool, pack_rows: int | None) -> DraftWeights:
-    """pack_rows: the block's SwiGLU products through oneDNN for that many rows, as decode.py's layers'."""
+def _draft_weights(
+    module: MTPModule, dense: bool, pack_rows: int | None, batch_invariant: bool
+) -> DraftWeights:
+    """pack_rows: the block's SwiGLU products through oneDNN for that many rows, as decode.py's layers'; and
+    every other product too when `batch_invariant`."""
     D = module.enorm.weight.shape[0]
     w = module.eh_proj.weight  # (D, 2D): [embedding half | hidden half], the order of the concatenation
+    rows = pack_rows if batch_invariant else None
     return DraftWeights(
-        w_e=(w[:, :D] * module.enorm.weight).t().contiguous(),
-        w_h=(w[:, D:] * module.hnorm.weight).t().contiguous(),
-        attn=_attention_weights(module.self_attn, module.input_layernorm.weight, None),
-        ffn=_ffn_weights(module.mlp, module.post_attention_layernorm.weight, dense, pack_rows, False),
+        w_e=_held((w[:, :D] * module.enorm.weight).t(), rows),
+        w_h=_held((w[:, D:] * module.hnorm.weight).t(), rows),
+        attn=_attention_weights(module.self_attn, module.input_layernorm.weight, rows),
+        ffn=_ffn_weights(
+            module.mlp, module.post_attention_layernorm.weight, dense, pack_rows, batch_invariant
+        ),
         norm=module.shared_head.norm.weight.clone(),
     )
 
@@ -84,7 +95,7 @@ def draft_states(
     B, T = ids_BT.shape
     eps = w.config.rms_norm_eps
     e_ND = F.embedding(ids_BT.flatten(), w.embed)
-    x = _rms_norm(e_ND, None, eps) @ d.w_e + _rms_norm(h_BTD.reshape(B * T, -1), None, eps) @ d.w_h
+    x = _mm(_rms_norm(e_ND, None, eps), d.w_e) + _mm(_rms_norm(h_BTD.reshape(B * T, -1), None, eps), d.w_h)
     x = decoder_layer(w, d.attn, d.ffn, x, step_positions(w, pos_BT, kv.shape[1], masked), kv)
     return _rms_norm(x, d.norm, eps).view(B, T, -1)
 
@@ -120,11 +131,17 @@ def greedy_round(
 
 class SpeculativeDecoder(Decoder):
     """`Decoder` for `batch_size` rows of `tokens_per_row` tokens per verification, plus the first MTP
-    module's draft steps. Positions are (B, T) long tensors; `end` bounds the cache positions an eager step
-    attends to (the largest position + 1); compiled steps attend to the whole cache under the mask."""
+    module's draft steps. Positions are (B, T) long tensors. Like `Decoder.step`, the steps take the caches
+    they attend to: per layer (B, L, r + dr), the rows and positions the caller picks (eager: up to the
+    largest position + 1 or beyond, masked; compiled: the whole caches, for static shapes)."""
 
     def __init__(
-        self, model: DeepSeekLM, batch_size: int, tokens_per_row: int, compile: bool = False
+        self,
+        model: DeepSeekLM,
+        batch_size: int,
+        tokens_per_row: int,
+        compile: bool = False,
+        batch_invariant: bool = False,
     ) -> None:
         if not model.mtp:
             raise ValueError("speculative decoding needs MTP modules (num_nextn_predict_layers > 0)")
@@ -133,11 +150,13 @@ class SpeculativeDecoder(Decoder):
         # about linearly with a few rows on a CPU: the demo's (8192, 128) head at 2 rows takes 60 µs in
         # oneDNN, 119 µs in MKL; a (128, 4096) product 37 against 54 µs.
         rows = max(batch_size * tokens_per_row, 3)
-        super().__init__(model, rows, compile)
+        super().__init__(model, rows, compile, batch_invariant)
         cfg = model.config
         with torch.no_grad():
             dense = dense_experts(cfg, batch_size, compile)
-            self.draft_weights = _draft_weights(model.mtp[0], dense, None if compile else rows)
+            self.draft_weights = _draft_weights(
+                model.mtp[0], dense, None if compile else rows, batch_invariant
+            )
         self.batch_size, self.tokens_per_row = batch_size, tokens_per_row
         self.kv_width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         # A row's last token can sit at the last position of the context, its drafts past it. Their results
@@ -147,40 +166,39 @@ class SpeculativeDecoder(Decoder):
         if compile:  # the greedy round's graph holds the head: inductor cannot lower oneDNN's layout
             w.head_DV, w.head_packed = model.lm_head.weight.detach().t().contiguous(), None
 
-    def new_draft_cache(self, max_len: int) -> torch.Tensor:
+    def new_draft_cache(self, max_len: int, batch_size: int | None = None) -> torch.Tensor:
         """The MTP module's latent cache (B, max_len, r + dr), like one layer of a `LatentCache`."""
         e = self.weights.embed
-        return torch.zeros(self.batch_size, max_len, self.kv_width, device=e.device, dtype=e.dtype)
+        B = self.batch_size if batch_size is None else batch_size
+        return torch.zeros(B, max_len, self.kv_width, device=e.device, dtype=e.dtype)
 
     @torch.no_grad()
-    def verify(
-        self, ids_BT: torch.Tensor, cache: LatentCache, pos_BT: torch.Tensor, end: int
-    ) -> torch.Tensor:
+    def verify(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor]) -> torch.Tensor:
         """The main model over ids (B, T) at pos_BT -> final-normed states (B, T, D) of every position."""
         if self.compile:
             step = compiled(decode_states, ids_BT.device.type)
-            return step(self.weights, ids_BT.contiguous(), pos_BT.contiguous(), cache.kv, True)
-        return decode_states(self.weights, ids_BT, pos_BT, [kv[:, :end] for kv in cache.kv], True)
+            return step(self.weights, ids_BT.contiguous(), pos_BT.contiguous(), kvs, True)
+        return decode_states(self.weights, ids_BT, pos_BT, kvs, True)
 
     @torch.no_grad()
     def greedy_round(
-        self, ids_BT: torch.Tensor, cache: LatentCache, draft_kv: torch.Tensor, pos_BT: torch.Tensor, end: int
+        self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor], draft_kv: torch.Tensor
     ):
-        """`greedy_round` on the caches; `end`: the largest position in pos_BT + 1."""
+        """`greedy_round` on the caches; draft_kv must reach T - 2 positions past the main caches' largest
+        position + 1 (the chained drafts after a row's last kept token)."""
         w, d = self.weights, self.draft_weights
         if self.compile:
             step = compiled(greedy_round, ids_BT.device.type)
-            return step(w, d, ids_BT.contiguous(), pos_BT.contiguous(), cache.kv, draft_kv, True)
-        kvs = [kv[:, :end] for kv in cache.kv]
-        return greedy_round(w, d, ids_BT, pos_BT, kvs, draft_kv[:, : end + ids_BT.shape[1] - 2], True)
+            return step(w, d, ids_BT.contiguous(), pos_BT.contiguous(), kvs, draft_kv, True)
+        return greedy_round(w, d, ids_BT, pos_BT, kvs, draft_kv, True)
 
     @torch.no_grad()
     def draft(
-        self, ids_BT: torch.Tensor, h_BTD: torch.Tensor, kv: torch.Tensor, pos_BT: torch.Tensor, end: int
+        self, ids_BT: torch.Tensor, h_BTD: torch.Tensor, pos_BT: torch.Tensor, kv: torch.Tensor
     ) -> torch.Tensor:
         """The MTP module over (h_BTD, ids_BT) pairs at pos_BT -> its normed states (B, T, D)."""
         w, d = self.weights, self.draft_weights
         if self.compile:
             step = compiled(draft_states, ids_BT.device.type)
             return step(w, d, ids_BT.contiguous(), h_BTD.contiguous(), pos_BT.contiguous(), kv, True)
-        return draft_states(w, d, ids_BT, h_BTD, pos_BT, kv[:, :end], True)
+        return draft_states(w, d, ids_BT, h_BTD, pos_BT, kv, True)
