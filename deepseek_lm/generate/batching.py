@@ -26,6 +26,10 @@ length rounded up to the decoder's attention slice, and sampling reads only the 
 generator. So greedy output, and sampled output with a `seed`, is the same alone or in a full batch
 (tests/test_batching.py). The one exception is `compile=True`: compiled kernels are picked per batch shape
 (rows rounded up to a power of 2, the whole context attended), and rows may round differently there.
+
+`SpeculativeBatchEngine` (speculative_batching.py) runs the same loop with speculative rounds instead of
+one-token steps, through the hooks below (`_build`, `_warm_up`, `_prefill_chunk`, `_join`, `_decode_step`,
+`_move_row`, `_attended`).
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     logits: torch.Tensor | None = None  # (V,) fp32, with Params.output_logits
+    # speculative engines, on the first event of each round of the request: drafts verified, of them accepted
+    drafted: int = 0
+    accepted: int = 0
 
 
 class Request:
@@ -92,6 +99,7 @@ class Request:
         self.prompt_ids, self.params = prompt_ids, params
         self.created = time.monotonic()
         self.completion_tokens = 0
+        self.drafted = self.accepted = 0  # draft tokens verified and accepted (speculative engines)
         self.finish_reason: str | None = None
         self._queue: queue.SimpleQueue[Event] | None = None if sink else queue.SimpleQueue()
         self._sink = sink or self._queue.put
@@ -102,6 +110,11 @@ class Request:
         self._pos = 0
         self._generator: torch.Generator | None = None
         self._stream: TextStream | None = None
+        # a speculative engine's: the next round's drafts (D,) and their distributions (D, V) (None: greedy),
+        # and the prefilled states whose MTP pairs wait for their next token (1, k, D)
+        self._drafts: torch.Tensor | None = None
+        self._q: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -152,13 +165,8 @@ class BatchEngine:
         self.pad_token_id = next(
             (i for i in (cfg.pad_token_id, special.get("pad"), self.eos_token_id) if i is not None), 0
         )
-        device = next(model.parameters()).device
-        n_rows = max_batch_size
-        # built once: the weights rearranged for decoding (~25 ms on the seed preset) serve every request
-        self.decoder = Decoder(model, n_rows, compile=compile, batch_invariant=not compile)
-        self.cache = model.new_cache(n_rows, self.context_length, device=device)
-        self._staging = model.new_cache(1, self.context_length, device=device)
-        self._device = device
+        self._device = next(model.parameters()).device
+        self._build()
         self._rows: list[Request] = []  # decoding, in cache slots 0..n-1
         self._prefilling: collections.deque[Request] = collections.deque()  # admitted: a slot is theirs
         self._waiting: collections.deque[Request] = collections.deque()
@@ -217,11 +225,7 @@ class BatchEngine:
         if warm_up:
             with torch.inference_mode():
                 for rows in sorted({self._step_rows(n) for n in range(1, self.max_batch_size + 1)}):
-                    ids = torch.full((rows, 1), self.pad_token_id, dtype=torch.long, device=self._device)
-                    kvs = [
-                        kv[:rows, : self._attended(1)] for kv in self.cache.kv
-                    ]  # free slots: garbage is fine
-                    self.decoder.step(ids, torch.zeros_like(ids), kvs)
+                    self._warm_up(rows)
         self._thread = threading.Thread(target=self._loop, name="deepseek-lm-batching", daemon=True)
         self._thread.start()
         return self
@@ -236,6 +240,19 @@ class BatchEngine:
 
     def _free_slots(self) -> int:
         return self.max_batch_size - len(self._rows) - len(self._prefilling)
+
+    def _build(self) -> None:
+        """The decoder and the caches: built once, the weights rearranged for decoding (~25 ms on the seed
+        preset) serve every request."""
+        model, n, device = self.model, self.max_batch_size, self._device
+        self.decoder = Decoder(model, n, compile=self.compile, batch_invariant=not self.compile)
+        self.cache = model.new_cache(n, self.context_length, device=device)
+        self._staging = model.new_cache(1, self.context_length, device=device)
+
+    def _warm_up(self, rows: int) -> None:
+        ids = torch.full((rows, 1), self.pad_token_id, dtype=torch.long, device=self._device)
+        kvs = [kv[:rows, : self._attended(1)] for kv in self.cache.kv]  # free slots: garbage is fine
+        self.decoder.step(ids, torch.zeros_like(ids), kvs)
 
     # the loop (its own thread) ------------------------------------------------------------------------------
 
@@ -283,13 +300,18 @@ class BatchEngine:
             self._finish(request, "cancelled")
 
     def _prefill(self, request: Request, start: int, end: int) -> None:
-        ids = torch.tensor([request.prompt_ids[start:end]], device=self._device)  # (1, T)
-        out = self.model(ids, cache=self._staging, start_pos=start, last_logits_only=True, return_hidden=True)
+        hidden = self._prefill_chunk(request, start, end)
         request._prefilled = end
         if end == request.prompt_tokens:
             with self._lock:
                 self._prefilling.popleft()
-            self._start_decoding(request, self.decoder.logits(out.hidden[:, -1]))
+            self._start_decoding(request, self.decoder.logits(hidden))
+
+    def _prefill_chunk(self, request: Request, start: int, end: int) -> torch.Tensor:
+        """Prompt tokens start..end - 1 into the staging cache -> the final-normed state after them (1, D)."""
+        ids = torch.tensor([request.prompt_ids[start:end]], device=self._device)  # (1, T)
+        out = self.model(ids, cache=self._staging, start_pos=start, last_logits_only=True, return_hidden=True)
+        return out.hidden[:, -1]
 
     def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
         """The prompt is in the staging cache and `logits` (1, V) follow it: sample the first token, and
@@ -300,12 +322,16 @@ class BatchEngine:
         request._pos = request.prompt_tokens
         event = self._advance(request, int(self._sample(logits, [request])[0]), logits[0])
         if event.finish_reason is None:
-            slot, n = len(self._rows), request.prompt_tokens
-            for kv, staged in zip(self.cache.kv, self._staging.kv):
-                kv[slot, :n] = staged[0, :n]
-            with self._lock:
-                self._rows.append(request)
+            self._join(request)
         request._sink(event)
+
+    def _join(self, request: Request) -> None:
+        """Move the staged prompt into the next free slot: the request decodes from the next step."""
+        slot, n = len(self._rows), request.prompt_tokens
+        for kv, staged in zip(self.cache.kv, self._staging.kv):
+            kv[slot, :n] = staged[0, :n]
+        with self._lock:
+            self._rows.append(request)
 
     def _decode_step(self) -> None:
         n = len(self._rows)
@@ -384,12 +410,15 @@ class BatchEngine:
         """Free a finished row's slot: the last row moves into it, so that occupied slots stay in front."""
         i, last = self._rows.index(request), len(self._rows) - 1
         if i != last:
-            end = self._rows[last]._pos + 1
-            for kv in self.cache.kv:
-                kv[i, :end] = kv[last, :end]
+            self._move_row(last, i, self._rows[last]._pos + 1)
         with self._lock:
             self._rows[i] = self._rows[last]
             self._rows.pop()
+
+    def _move_row(self, src: int, dst: int, end: int) -> None:
+        """Copy cache slot `src`'s first `end` positions into slot `dst`."""
+        for kv in self.cache.kv:
+            kv[dst, :end] = kv[src, :end]
 
     def _fail_all(self, why: str, waiting: bool) -> None:
         with self._lock:
