@@ -140,6 +140,8 @@ class Request:
 class BatchEngine:
     """Requests decoded together over `max_batch_size` cache slots of `context_length` positions."""
 
+    draft_tokens = 0  # tokens drafted per row and round: 0, one token per step (SpeculativeBatchEngine: D)
+
     def __init__(
         self,
         model: torch.nn.Module,

@@ -2,6 +2,7 @@
 
 deepseek-lm serve --checkpoint runs/demo                                   # http://127.0.0.1:8000
 deepseek-lm serve --checkpoint runs/demo --host 0.0.0.0 --api-key "$KEY"   # reachable from other machines
+deepseek-lm serve --checkpoint runs/mtp --speculative                      # drafts from the MTP module
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def _parser() -> ArgumentParser:
     p.add_argument("--context-length", type=int | None, default=None, help="default: the model's context")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled between steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (~20 s per shape)")
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="self-speculative decoding with the checkpoint's MTP module: the same greedy output, sampled "
+        "output of the same distribution; each response's usage reports the drafts' acceptance",
+    )
+    p.add_argument("--draft-tokens", type=int, default=1, help="with --speculative: tokens drafted per round")
     p.add_argument("--device", type=str, default="cpu", help="cpu, cuda, cuda:1, ...")
     return p
 
@@ -55,6 +63,12 @@ def main(argv: list[str]) -> int:
         raise UserError(
             "need --max-batch-size >= 1, --max-queue >= 0 and --prefill-chunk >= 1 "
             f"(got {args.max_batch_size}, {args.max_queue}, {args.prefill_chunk})"
+        )
+    if args.speculative and (args.compile or args.draft_tokens < 1):
+        raise UserError(
+            "--speculative runs the batch-invariant eager decoder: leave out --compile"
+            if args.compile
+            else f"--draft-tokens must be at least 1, got {args.draft_tokens}"
         )
     from deepseek_lm.serve.server import bind
 
@@ -69,8 +83,9 @@ def main(argv: list[str]) -> int:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def ready() -> None:
-        print(f"serving {name} at {url} (ready in {time.perf_counter() - started:.1f} s): the playground at "
-              f"{url}/, the OpenAI API at {url}/v1; Ctrl-C stops", flush=True)  # fmt: skip
+        mode = f", speculative: {engine.draft_tokens} draft token(s) per round" if engine.draft_tokens else ""
+        print(f"serving {name} at {url} (ready in {time.perf_counter() - started:.1f} s{mode}): the playground "
+              f"at {url}/, the OpenAI API at {url}/v1; Ctrl-C stops", flush=True)  # fmt: skip
         if api_key is None and not _is_loopback(args.host):
             print(
                 f"deepseek-lm serve: warning: {args.host} is reachable from other machines and no --api-key "
@@ -91,20 +106,29 @@ def _engine(args):
     from deepseek_lm.generate.batching import BatchEngine
 
     ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    if args.speculative and not ckpt.config.num_nextn_predict_layers:
+        raise UserError(
+            f"--speculative: {ckpt.path} has no MTP modules (num_nextn_predict_layers=0); train with "
+            "--model.num_nextn_predict_layers 1 to serve speculatively, or leave out --speculative"
+        )
     if ckpt.tokenizer is None:
         raise UserError(
             f"{args.checkpoint} has no tokenizer.json to read and write text with: copy its training data's "
             "tokenizer.json (DATA_DIR/tokenizer.json) into the checkpoint directory"
         )
-    engine = BatchEngine(
-        ckpt.model,
-        ckpt.tokenizer,
+    options = dict(
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
         context_length=args.context_length,
         compile=args.compile,
     )
+    if args.speculative:
+        from deepseek_lm.generate.speculative_batching import SpeculativeBatchEngine
+
+        engine = SpeculativeBatchEngine(ckpt.model, ckpt.tokenizer, draft_tokens=args.draft_tokens, **options)
+    else:
+        engine = BatchEngine(ckpt.model, ckpt.tokenizer, **options)
     name = args.model_name or Path(args.checkpoint).resolve().name
     return engine.start(), name, ChatFormat.for_tokenizer(ckpt.tokenizer, ckpt.chat_template)
 

@@ -44,13 +44,16 @@ class Completions:
         self.created = P.now()
 
     def model_card(self) -> dict:
-        return dict(
+        card = dict(
             id=self.model_name,
             object="model",
             created=self.created,
             owned_by="deepseek-lm",
             max_model_len=self.engine.context_length,
         )
+        if self.engine.draft_tokens:  # an extension: the page shows acceptance rates when it is there
+            card["speculative"] = dict(draft_tokens=self.engine.draft_tokens)
+        return card
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -159,6 +162,9 @@ class Completions:
             else:
                 self.metrics.token_latency.observe(event.time - choice.last_time)
             choice.last_time = event.time
+        if event.drafted:
+            self.metrics.draft_tokens.inc(event.drafted)
+            self.metrics.accepted_draft_tokens.inc(event.accepted)
         if event.finish_reason is not None:
             self.metrics.finished.labels(event.finish_reason).inc()
 
@@ -189,7 +195,13 @@ class _Stream:
 
     def _usage(self) -> dict:  # each prompt counted once however many choices it has, as OpenAI does
         prompt = sum(len(p) for p in self.prompts)
-        return P.usage(prompt, sum(c.request.completion_tokens for c in self.choices))
+        completion = sum(c.request.completion_tokens for c in self.choices)
+        if not self.server.engine.draft_tokens:
+            return P.usage(prompt, completion)
+        drafted, accepted = (
+            sum(getattr(c.request, k) for c in self.choices) for k in ("drafted", "accepted")
+        )
+        return P.usage(prompt, completion, drafted, accepted)
 
     def _echo(self, choice: _Choice) -> str:
         if self.kind == "chat" or not self.body.echo:

@@ -24,6 +24,12 @@ class Metrics:
         self.finished = Counter(
             "deepseek_lm_request_finish", "generations by finish reason", ["reason"], registry=r
         )
+        self.draft_tokens = Counter(
+            "deepseek_lm_draft_tokens", "draft tokens verified (speculative decoding)", registry=r
+        )
+        self.accepted_draft_tokens = Counter(
+            "deepseek_lm_accepted_draft_tokens", "draft tokens accepted (speculative decoding)", registry=r
+        )
         self.ttft = Histogram(
             "deepseek_lm_time_to_first_token_seconds", "arrival to first generated token",
             buckets=_TTFT_BUCKETS, registry=r,

@@ -105,12 +105,18 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return dict(
+def usage(prompt_tokens: int, completion_tokens: int, drafted: int | None = None, accepted: int = 0) -> dict:
+    """OpenAI's usage; a speculative server's (drafted not None) adds the extension `speculative`: draft
+    tokens verified, of them accepted, and their ratio (null before any round)."""
+    out: dict = dict(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
     )
+    if drafted is not None:
+        rate = round(accepted / drafted, 4) if drafted else None
+        out["speculative"] = dict(drafted_tokens=drafted, accepted_tokens=accepted, acceptance_rate=rate)
+    return out
 
 
 # the engine's finish reasons in OpenAI's two words
