@@ -15,8 +15,8 @@ from deepseek_lm.serve.server import bind
 
 
 class LiveServer:
-    def __init__(self, checkpoint, *, api_key=None, **engine_options) -> None:
-        self.engine = BatchEngine(checkpoint.model, checkpoint.tokenizer, **engine_options).start()
+    def __init__(self, checkpoint, *, api_key=None, engine_type=BatchEngine, **engine_options) -> None:
+        self.engine = engine_type(checkpoint.model, checkpoint.tokenizer, **engine_options).start()
         self.api_key = api_key
         self.chat_format = chat_format = ChatFormat.for_tokenizer(
             checkpoint.tokenizer, checkpoint.chat_template

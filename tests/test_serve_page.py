@@ -3,6 +3,7 @@ browser download; `make test` installs chromium with apt-get when missing). Skip
 in CI (CI=true), where it must run."""
 
 import os
+import re
 import shutil
 import time
 
@@ -88,3 +89,28 @@ def test_type_a_prompt_see_it_stream_and_stop_it(browser, server, tmp_path):
     shot = os.environ.get("DEEPSEEK_LM_SCREENSHOT") or str(tmp_path / "playground.png")
     page.screenshot(path=shot, full_page=True)
     assert os.path.getsize(shot) > 10_000
+
+
+def test_a_speculative_server_shows_the_acceptance_under_each_answer(browser, tmp_path_factory):
+    from deepseek_lm.generate.speculative_batching import SpeculativeBatchEngine
+
+    checkpoint = load_checkpoint(trained_tiny_run(tmp_path_factory.getbasetemp() / "tiny_run"))
+    live = LiveServer(checkpoint, engine_type=SpeculativeBatchEngine, draft_tokens=2, max_batch_size=2)
+    live.engine.eos_token_id = None  # 24 tokens: several rounds
+    try:
+        page = browser.new_page()
+        page.goto(live.url + "/")
+        page.wait_for_function(
+            "document.getElementById('model').textContent.includes('speculative, 2 draft')"
+        )
+        page.fill("#max-tokens", "24")
+        page.fill("#prompt", "The")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('.answer .stats').textContent.includes('acceptance')")
+        stats = page.locator(".answer .stats").text_content()
+        accepted, drafted = (
+            int(n) for n in re.search(r"acceptance \d+ % \((\d+) of (\d+) drafts\)", stats).groups()
+        )
+        assert 0 <= accepted <= drafted and drafted % 2 == 0 and "tokens/s" in stats
+    finally:
+        live.stop()
