@@ -4,9 +4,12 @@ checkpoint, in one run (SPEC §8: a benchmark, never a test).
     python benchmarks/serve_load.py --checkpoint runs/demo                       # ours: 1, 4, 16 clients
     python benchmarks/serve_load.py --checkpoint runs/demo --compare-hf --json benchmarks/results/X.json
     python benchmarks/serve_load.py --checkpoint runs/demo --compare-hf continuous-batching   # one mode
+    python benchmarks/serve_load.py --checkpoint runs/mtp --speculative          # also ours --speculative
 
 `--compare-hf` runs `transformers serve` (needs `accelerate`) in its default mode (one request at a time) and
-with `--continuous-batching` (paged attention), each on the same export.
+with `--continuous-batching` (paged attention), each on the same export. `--speculative` also runs our
+server with `--speculative --draft-tokens D` on the same checkpoint (it needs MTP modules), and reports the
+acceptance rate of its drafts from the responses' usage.
 
 For each number of clients N, N streaming /v1/completions requests (greedy, `--max-tokens` new tokens, each
 its own prompt) start at once; per request the time to first token (TTFT: from sending to the first text)
@@ -100,7 +103,9 @@ async def _one(client: httpx.AsyncClient, server: Server, prompt: str, max_token
                 times.append(time.perf_counter())
                 text.append(piece)
     tokens = usage["completion_tokens"] if usage else len(times)
-    return dict(sent=sent, end=time.perf_counter(), times=times, tokens=tokens, text="".join(text))
+    spec = (usage or {}).get("speculative") or {}
+    return dict(sent=sent, end=time.perf_counter(), times=times, tokens=tokens, text="".join(text),
+                drafted=spec.get("drafted_tokens", 0), accepted=spec.get("accepted_tokens", 0))  # fmt: skip
 
 
 async def _concurrent(server: Server, prompts: list[str], max_tokens: int) -> list[dict]:
@@ -119,9 +124,11 @@ def _summary(results: list[dict]) -> dict:
     ttft = [r["times"][0] - r["sent"] for r in results if r["times"]]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     tokens = sum(r["tokens"] for r in results)
+    drafted, accepted = sum(r["drafted"] for r in results), sum(r["accepted"] for r in results)
     return dict(
         tokens=tokens, seconds=end - start, tokens_per_s=tokens / (end - start),
         ttft_p50=_pct(ttft, 50), ttft_p95=_pct(ttft, 95), itl_p50=_pct(itl, 50), itl_p95=_pct(itl, 95),
+        acceptance=accepted / drafted if drafted else float("nan"),
     )  # fmt: skip
 
 
@@ -154,13 +161,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ours(args, env) -> Server:
+def _start_ours(args, env, speculative: bool = False) -> Server:
     port = _free_port()
     cmd = [sys.executable, "-m", "deepseek_lm", "serve", "--checkpoint", args.checkpoint, "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--model-name", "ours", "--max-queue", "256"]  # fmt: skip
+    name = "deepseek-lm serve"
     if args.compile:
         cmd.append("--compile")
-    return Server("deepseek-lm serve", cmd, f"http://127.0.0.1:{port}", "ours", env, "/health")
+    if speculative:
+        cmd += ["--speculative", "--draft-tokens", str(args.draft_tokens)]
+        name += " --speculative"
+    return Server(name, cmd, f"http://127.0.0.1:{port}", "ours", env, "/health")
 
 
 def _start_transformers(mode: str, env, export_dir: Path) -> Server:
@@ -184,6 +195,8 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=16, help="our server's slots")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both servers")
     p.add_argument("--compile", action="store_true", help="our server with --compile")
+    p.add_argument("--speculative", action="store_true", help="also our server with --speculative")
+    p.add_argument("--draft-tokens", type=int, default=1, help="with --speculative: drafts per round")
     p.add_argument(
         "--compare-hf", nargs="*", choices=["default", "continuous-batching"], default=None,
         help="also `transformers serve` on our HF export, in these modes (none given: both)",
@@ -198,9 +211,12 @@ def main() -> int:
         commit=_commit(), date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.processor() or platform.machine(),
         cpus=os.cpu_count(), threads=args.threads or "default", load_before=os.getloadavg(),
         max_tokens=args.max_tokens, rounds=args.rounds, checkpoint=args.checkpoint,
+        draft_tokens=args.draft_tokens if args.speculative else None,
     )  # fmt: skip
     print(" · ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     servers = [_start_ours(args, env)]
+    if args.speculative:
+        servers.append(_start_ours(args, env, speculative=True))
     tmp = None
     if args.compare_hf is not None:
         tmp = Path(tempfile.mkdtemp(prefix="serve-load-hf-"))
@@ -244,8 +260,14 @@ def _print(table: dict, info: dict, args) -> None:
         f"\n{'server | clients':<44}{'tokens/s':>10}{'TTFT p50':>10}{'p95':>8}{'ITL p50':>10}{'p95':>8}  ms"
     )
     for k, v in table.items():
+        accepted = "" if v["acceptance"] != v["acceptance"] else f"  {100 * v['acceptance']:.1f} % accepted"
         print(f"{k:<44}{v['tokens_per_s']:>10.0f}{v['ttft_p50'] * 1e3:>10.0f}{v['ttft_p95'] * 1e3:>8.0f}"
-              f"{v['itl_p50'] * 1e3:>10.1f}{v['itl_p95'] * 1e3:>8.1f}")  # fmt: skip
+              f"{v['itl_p50'] * 1e3:>10.1f}{v['itl_p95'] * 1e3:>8.1f}{accepted}")  # fmt: skip
+    for c in args.clients:
+        if (spec := table.get(f"deepseek-lm serve --speculative | {c} concurrent")) is not None:
+            plain = table[f"deepseek-lm serve | {c} concurrent"]
+            print(f"{c} concurrent, --speculative / plain: {spec['tokens_per_s'] / plain['tokens_per_s']:.2f}× "
+                  f"tokens/s, time to first token p50 {spec['ttft_p50'] / plain['ttft_p50']:.2f}×")  # fmt: skip
     n = max(args.clients)
     ours = table[f"deepseek-lm serve | {n} concurrent"]["tokens_per_s"]
     alone = table[f"deepseek-lm serve | {n} one at a time"]["tokens_per_s"]
