@@ -238,3 +238,17 @@ def test_fsdp2_with_expert_parallelism_stop_and_resume_matches_ddp(data_dir, ddp
     proc = torchrun(data_dir, tmp_path, "--resume")
     assert "FSDP2 · expert parallel 2" in proc.stdout
     assert_close_states(ddp_run, tmp_path)
+
+
+def test_fsdp2_with_muon_stop_and_resume_equals_uninterrupted(data_dir, tmp_path):
+    # Muon under FSDP2: torch's Muon steps the sharded 2-D matrices through DTensor operations, ExpertMuon
+    # the whole experts each rank holds, and the combined optimizer's state goes through DCP's full state
+    # dicts into the checkpoint and back into the shards on resume
+    muon = ["--train.fsdp", "true", "--train.optimizer", "muon"]
+    torchrun(data_dir, tmp_path / "straight", *muon)
+    torchrun(data_dir, tmp_path / "resumed", *muon, "--stop-at-step", "3")
+    proc = torchrun(data_dir, tmp_path / "resumed", *muon, "--resume")
+    assert "FSDP2" in proc.stdout and "Muon lr 0.003" in proc.stdout
+    a, b = (ckpt.read_model_state(ckpt.latest_checkpoint(tmp_path / d)) for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")

@@ -3,6 +3,7 @@ outputs of a run (checkpoints, plots, W&B offline), corrupt checkpoints."""
 
 import itertools
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from train_helpers import make_tiny_data, tiny_configs
 
 from deepseek_lm import checkpoint as ckpt
 from deepseek_lm.checkpoint import CheckpointError, load_checkpoint
+from deepseek_lm.errors import UserError
 from deepseek_lm.train import loop
 from deepseek_lm.train.monitor import read_metrics
 from deepseek_lm.train.session import TrainingDiverged, train
@@ -100,12 +102,14 @@ def test_mismatched_checkpoint_names_the_file(full_run, tmp_path):
 # resume
 
 
-@pytest.mark.parametrize("mtp", [0, 1], ids=["plain", "mtp"])
-def test_resume_is_exact(data_dir, tmp_path, mtp):
+@pytest.mark.parametrize(
+    "mtp, optimizer", [(0, "adamw"), (1, "adamw"), (1, "muon")], ids=["plain", "mtp", "muon-mtp"]
+)
+def test_resume_is_exact(data_dir, tmp_path, mtp, optimizer):
     # with MTP: its module's weights and router bias, and λ's switch to its final value (at step 4) across
-    # the resume
+    # the resume; with Muon: the combined optimizer's momenta (AdamW, Muon, the experts' batched Muon)
     model_config, cfg = tiny_configs(data_dir, max_steps=8, eval_every=0, save_every=0, sample_every=0,
-                                     mtp_weight_final=0.1, mtp_weight_switch=0.5)  # fmt: skip
+                                     mtp_weight_final=0.1, mtp_weight_switch=0.5, optimizer=optimizer)  # fmt: skip
     model_config.num_nextn_predict_layers = mtp
     straight = train(model_config, cfg, tmp_path / "straight")
 
@@ -132,6 +136,14 @@ def test_resume_is_exact(data_dir, tmp_path, mtp):
         ]
 
 
+def test_resume_with_another_optimizer_is_one_line(data_dir, tmp_path):
+    model_config, cfg = tiny_configs(data_dir, max_steps=4, eval_every=0, save_every=0, sample_every=0)
+    train(model_config, cfg, tmp_path, stop_at_step=2)
+    with pytest.raises(UserError, match=r"does not fit train\.optimizer muon") as info:
+        train(model_config, replace(cfg, optimizer="muon"), tmp_path, resume=True)
+    assert "\n" not in str(info.value)
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path, monkeypatch):
     model_config, cfg = tiny_configs(data_dir, max_steps=8, eval_every=0, save_every=4, sample_every=0)
     real_save = torch.save
@@ -156,7 +168,6 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path,
 
 
 def test_new_run_refuses_a_directory_with_checkpoints(full_run):
-    from deepseek_lm.errors import UserError
 
     model_config, cfg = tiny_configs(full_run.run_dir, max_steps=2)
     cfg.data_dir = str(load_checkpoint(full_run.run_dir).train_config["data_dir"])

@@ -47,9 +47,12 @@ class TrainConfig:
     that it reaches its floor when the budget ends however fast the machine (not reproducible step for
     step); max_steps stays an upper bound."""
 
-    # optimizer: AdamW with decoupled weight decay (none on norms, biases, embeddings)
+    # optimizer: AdamW (decoupled weight decay; none on norms, biases, embeddings), or Muon + AdamW
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW everywhere. muon: Muon for the hidden matrices (attention, dense and shared FFN, and
+    each routed expert's matrices), AdamW for embeddings, the LM head, norms and the router."""
     lr: float = 1e-4
-    """Peak learning rate."""
+    """Peak learning rate (AdamW's)."""
     min_lr_ratio: float = 0.1
     """The schedule's floor as a fraction of lr."""
     warmup_steps: int = 1000
@@ -62,6 +65,12 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 0.5
     """Clip the global gradient norm to this (0 disables)."""
+    muon_lr: float | None = None
+    """Muon's peak learning rate; None: train.lr (meant for muon_adjust_lr match_rms_adamw). Same schedule."""
+    muon_momentum: float = 0.95
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "match_rms_adamw"
+    """Muon's update scale per matrix (torch.optim.Muon's adjust_lr_fn): original sqrt(max(1, rows/cols)),
+    or match_rms_adamw 0.2·sqrt(max(rows, cols)), AdamW's update RMS, so that AdamW's lr and decay carry over."""
 
     # multi-token prediction (models with model.num_nextn_predict_layers > 0)
     mtp_weight: float = 0.3
@@ -139,6 +148,10 @@ class TrainConfig:
                 "need train.mtp_weight >= 0, train.mtp_weight_final >= 0 and 0 <= train.mtp_weight_switch <= 1 "
                 f"(got {self.mtp_weight}, {self.mtp_weight_final}, {self.mtp_weight_switch})"
             )
+        if self.muon_lr is not None and self.muon_lr <= 0:
+            raise UserError(f"train.muon_lr must be > 0 or None for train.lr (got {self.muon_lr})")
+        if not 0 <= self.muon_momentum < 1:
+            raise UserError(f"train.muon_momentum must lie in [0, 1) (got {self.muon_momentum})")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"need lr > 0 and 0 <= min_lr_ratio <= 1 (got {self.lr}, {self.min_lr_ratio})")
 

@@ -161,6 +161,9 @@ def mtp_note(t: Trainer, n_params: int) -> str:
 def schedule_line(t: Trainer, epochs: float) -> str:
     cfg = t.cfg
     lrs = f"lr {cfg.lr:g}, warmup {cfg.warmup_steps} steps, {cfg.decay} to {cfg.lr * cfg.min_lr_ratio:g}"
+    if cfg.optimizer == "muon":
+        muon_lr = cfg.muon_lr if cfg.muon_lr is not None else cfg.lr
+        lrs = f"Muon lr {muon_lr:g} ({cfg.muon_adjust_lr}) + AdamW {lrs}"
     if cfg.schedule_by_time and cfg.max_time_minutes:
         return (
             f"schedule: {lrs} over the {cfg.max_time_minutes:g}-minute budget (at most {t.total_steps} steps)"

@@ -179,8 +179,8 @@ def build_trainer(
         build_scheduler(optimizer, cfg, steps), precision.grad_scaler(), data, loader, steps, ep=ep,
     )  # fmt: skip
     if resume_dir is not None:
-        restore_trainer_state(trainer, ckpt.read_trainer_state(resume_dir))
         trainer.resumed_from = resume_dir
+        restore_trainer_state(trainer, ckpt.read_trainer_state(resume_dir))
     return trainer
 
 
@@ -281,7 +281,13 @@ def trainer_state_dict(t: Trainer) -> dict[str, Any]:
 
 def restore_trainer_state(t: Trainer, saved: dict[str, Any]) -> None:
     t.state = TrainState(**saved["state"])
-    D.load_optimizer_state(t.raw_model, t.optimizer, saved["optimizer"], t.ep)
+    try:
+        D.load_optimizer_state(t.raw_model, t.optimizer, saved["optimizer"], t.ep)
+    except (ValueError, KeyError) as e:  # e.g. --train.optimizer changed on --resume
+        raise UserError(
+            f"{t.resumed_from}: the saved optimizer state does not fit train.optimizer {t.cfg.optimizer} ({e}); "
+            "resume with the run's own optimizer settings"
+        ) from None
     t.scheduler.load_state_dict(saved["scheduler"])
     t.scaler.load_state_dict(saved["scaler"])
     t.loader.load_state_dict(saved["loader"])
