@@ -1,3 +1,4 @@
+import ast
 import hashlib
 import json
 import logging
@@ -16,9 +17,9 @@ def builtin() -> list[str]:
     return src.builtin_documents()
 
 
-def test_builtin_corpus_is_about_two_megabytes_of_docstrings(builtin):
+def test_builtin_corpus_is_a_few_megabytes_of_docstrings_and_comments(builtin):
     n_bytes = sum(len(d.encode()) for d in builtin)
-    assert 1_500_000 <= n_bytes <= 4_000_000
+    assert 2_500_000 <= n_bytes <= 6_000_000
     assert len(builtin) > 500
     heads = [d.split("\n", 1)[0] for d in builtin]
     assert "module json" in heads and "module collections" in heads
@@ -27,6 +28,43 @@ def test_builtin_corpus_is_about_two_megabytes_of_docstrings(builtin):
     assert all(d.strip() for d in builtin)
     json_doc = builtin[heads.index("module json")]
     assert "JSON (JavaScript Object Notation)" in json_doc and "\ndef dumps(" in json_doc
+
+
+MODULE = '''"""The module's docstring."""
+# A module-level comment,
+# on two lines.
+
+# --------------------------------------
+class Parser:
+    """Parse things."""
+
+    # the class body's comment
+    def feed(self, data):  # a trailing comment is left out
+        text = """
+        # not a comment: inside a string
+        """
+        # type: ignore
+        # Feed the data (an inner comment).
+        return f"""{data}
+        # nor this one"""
+
+    def quiet(self):
+        # A method with comments only.
+        pass
+'''
+
+
+def test_module_document_puts_comments_under_their_scope():
+    doc = src._module_document("m", MODULE.encode(), ast.parse(MODULE), set())
+    assert doc == (
+        "module m\nThe module's docstring.\n\nA module-level comment,\non two lines.\n\n"
+        "class Parser\nParse things.\n\nthe class body's comment\n\n"
+        "def Parser.feed(self, data)\nFeed the data (an inner comment).\n\n"
+        "def Parser.quiet(self)\nA method with comments only."
+    )
+    seen = {"Parse things.", "A method with comments only."}  # already in an earlier module: dropped
+    again = src._module_document("m", MODULE.encode(), ast.parse(MODULE), seen)
+    assert "Parse things." not in again and "def Parser.quiet" not in again
 
 
 def test_builtin_corpus_is_deterministic(builtin):

@@ -25,7 +25,7 @@ def build_parser() -> ArgumentParser:
         prog="deepseek-lm prepare",
         exit_on_error=False,
         description="Tokenise a corpus into memory-mapped token files with a manifest. "
-        "With no --data or --dataset: the built-in corpus (Python standard-library docstrings).",
+        "With no --data or --dataset: the built-in corpus (Python standard-library docstrings and comments).",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     helps = _attribute_docs(PrepareConfig)

@@ -276,7 +276,7 @@ def _source(cfg: PrepareConfig, out: Path) -> tuple[str, dict, Callable[[], list
         return _files_source(cfg, out)
     if cfg.dataset:
         return _dataset_source(cfg)
-    source = f"builtin: Python {sys.version.split()[0]} standard-library docstrings"
+    source = f"builtin: Python {sys.version.split()[0]} standard-library docstrings and comments"
     return source, src.builtin_fingerprint(), src.builtin_documents
 
 
