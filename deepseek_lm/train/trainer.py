@@ -155,11 +155,14 @@ def build_trainer(
     resume: bool = False,
     data_source: Callable[[TrainConfig, D.DistInfo], Any] = open_data,
     initial_state: Mapping[str, torch.Tensor] | None = None,
+    customize: Callable[[nn.Module], None] | None = None,
 ) -> Trainer:
     """Set up a run in `run_dir`; with `resume`, continue from its latest complete checkpoint if any.
 
     `data_source(cfg, dist)` opens the data once the processes are up: by default the prepared token files
-    (`open_data`); fine-tuning passes its conversations, and the weights to start from as `initial_state`."""
+    (`open_data`); fine-tuning passes its conversations, and the weights to start from as `initial_state`.
+    `customize(model)` runs on the built model before it is wrapped and the optimizer sees its parameters:
+    a hook for experiments that swap a module (benchmarks/learning/study.py swaps MLA for plain attention)."""
     info = D.init_distributed(cfg.device, cfg.dist_timeout_s)
     device = D.local_device(info, choose_device(cfg.device))
     precision = choose_precision(cfg.precision, device)
@@ -167,6 +170,8 @@ def build_trainer(
     data = data_source(cfg, info)
     resume_dir = ckpt.latest_checkpoint(run_dir, training=True) if resume else None
     model_config, raw_model = model_for_run(model_config, cfg, data, device, resume_dir, initial_state)
+    if customize is not None:
+        customize(raw_model)
     ep = expert_parallel(raw_model, cfg, info, precision)
     model = prepare_model(raw_model, cfg, info, device, precision, ep)
     optimizer = build_optimizer(model, cfg, device.type)
