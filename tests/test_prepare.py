@@ -7,7 +7,14 @@ import pytest
 from deepseek_lm.cli import main
 from deepseek_lm.data import DataError
 from deepseek_lm.data import preparation as prep
-from deepseek_lm.data.preparation import PrepareConfig, PreparedData, bits_per_byte, prepare, prepare_builtin
+from deepseek_lm.data.preparation import (
+    PrepareConfig,
+    PreparedData,
+    bits_per_byte,
+    default_vocab_size,
+    prepare,
+    prepare_builtin,
+)
 
 CONTRACT_KEYS = {
     "source", "tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_token_id", "pad_token_id",
@@ -58,6 +65,12 @@ def test_val_txt_encodes_to_val_bin(builtin):
 def test_unchanged_inputs_reuse_the_cache(builtin):
     again = prepare_builtin(builtin.path, vocab_size=1024)
     assert again.reused and again.manifest == builtin.manifest
+
+
+def test_default_vocabulary_is_4096_for_the_builtin_corpus_else_8192():
+    assert default_vocab_size(PrepareConfig()) == 4096
+    assert default_vocab_size(PrepareConfig(data=["notes/"], out="o")) == 8192
+    assert default_vocab_size(PrepareConfig(dataset="roneneldan/TinyStories", out="o")) == 8192
 
 
 def write_mixed_dir(root):
