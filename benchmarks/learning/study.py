@@ -12,12 +12,15 @@ each against the demo's recipe (`--preset demo`: the seed architecture on the bu
 wall-clock budget and at the same number of tokens.
 
     python benchmarks/learning/study.py --minutes 7            # about an hour on 2 cores
+    python benchmarks/learning/study.py --minutes 3 --steps 480 --jobs 2   # the demo gets 480 steps in 3 min
     python benchmarks/learning/study.py --minutes 2 --jobs 2   # a quick look; two runs at a time
     python benchmarks/learning/study.py --arms demo dense      # some of the arms
 
 How, so that other work on the machine changes only the timing phase, never the curves:
 1. every arm's optimizer step is timed, the arms alternating in one process (2 threads, as `make train`),
    median over rounds → the steps each arm gets in M minutes of training steps (evaluation not counted);
+   on a busy machine `--steps N` gives the demo's steps in M minutes as measured on a quiet one (`make
+   train`'s log), and the other arms keep the timed ratios;
 2. every arm trains for its own steps (equal time) and for the demo's steps (equal tokens), each with the
    learning-rate schedule over its own steps (`--train.max_steps N --train.schedule_by_time false`), so a run
    is the same whatever the load (and `--jobs 2` runs two at a time, one thread each);
@@ -300,6 +303,11 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=7.0, help="training-step budget of each arm")
+    parser.add_argument(
+        "--steps", type=int, default=None,
+        help="the demo arm's steps (default: --minutes over its timed step); the other arms' equal-time steps "
+        "scale by the timed ratios, so a busy machine changes nothing but the run time",
+    )  # fmt: skip
     parser.add_argument("--arms", nargs="+", default=list(arms()), choices=list(arms()))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each when > 1)")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (alternating arms)")
@@ -316,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         seconds = time_steps(chosen, args.rounds, args.timing_steps, Path(tmp))
     info["load_after_timing"] = os.getloadavg()
+    timed = seconds
+    if args.steps:  # the timed ratios at the demo's unloaded step time
+        seconds = {name: t * args.minutes * 60 / args.steps / timed["demo"] for name, t in timed.items()}
     budget = {a.name: max(1, round(args.minutes * 60 / seconds[a.name])) for a in chosen}
     for a in chosen:
         print(
@@ -327,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     equal_time = {r["arm"]: r for r in runs[: len(chosen)]}
     equal_tokens = {"demo": equal_time["demo"]} | {r["arm"]: r for r in runs[len(chosen) :]}
     results = info | {
-        "step_seconds": seconds, "labels": {a.name: a.label for a in chosen},
+        "step_seconds": seconds, "timed_step_seconds": timed, "labels": {a.name: a.label for a in chosen},
         "equal_time": equal_time, "equal_tokens": equal_tokens,
         "xz_bits_per_byte": equal_time["demo"]["xz_bits_per_byte"], "load_after": os.getloadavg(),
     }  # fmt: skip
