@@ -220,11 +220,20 @@ def run_arm(arm: Arm, steps: int, threads: int | None) -> dict:
         }  # fmt: skip
 
 
-def run_all(jobs: list[tuple[Arm, int]], parallel: int) -> list[dict]:
+def run_all(jobs: list[tuple[Arm, int]], parallel: int, done: list[dict] = ()) -> list[dict]:
+    """The runs of `jobs`, taking from `done` those already made (same arm and steps: a run does not depend on
+    the machine's load, so an interrupted or re-timed study need not redo them)."""
+    known = {(r["arm"], r["steps"]): r for r in done}
+    todo = list(
+        {(arm.name, steps): (arm, steps) for arm, steps in jobs if (arm.name, steps) not in known}.values()
+    )
     if parallel <= 1:
-        return [run_arm(arm, steps, None) for arm, steps in jobs]
-    with ProcessPoolExecutor(parallel, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(run_arm, *zip(*jobs), [1] * len(jobs)))
+        new = [run_arm(arm, steps, None) for arm, steps in todo]
+    else:
+        with ProcessPoolExecutor(parallel, mp_context=get_context("spawn")) as pool:
+            new = list(pool.map(run_arm, *zip(*todo), [1] * len(todo))) if todo else []
+    known |= {(r["arm"], r["steps"]): r for r in new}
+    return [known[arm.name, steps] for arm, steps in jobs]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each when > 1)")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (alternating arms)")
     parser.add_argument("--timing-steps", type=int, default=10, help="steps per arm per timing round")
+    parser.add_argument("--time-only", action="store_true", help="print the arms' step times and stop")
+    parser.add_argument(
+        "--reuse", type=Path, nargs="*", default=[],
+        help="results JSON files of earlier studies (same commit): their runs of the same arm and steps are reused",
+    )  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=None, help="results JSON (default results/DATE-COMMIT.json)"
     )
@@ -332,9 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {a.name:8s} {seconds[a.name] * 1e3:7.1f} ms/step → {budget[a.name]:,} steps in {args.minutes:g} min"
         )
+    if args.time_only:
+        return 0
     n = budget["demo"]
     jobs = [(a, budget[a.name]) for a in chosen] + [(a, n) for a in chosen if a.name != "demo"]
-    runs = run_all(jobs, args.jobs)
+    done = []
+    for path in args.reuse:
+        earlier = json.loads(path.read_text())
+        done += [*earlier["equal_time"].values(), *earlier["equal_tokens"].values()]
+    runs = run_all(jobs, args.jobs, done)
     equal_time = {r["arm"]: r for r in runs[: len(chosen)]}
     equal_tokens = {"demo": equal_time["demo"]} | {r["arm"]: r for r in runs[len(chosen) :]}
     results = info | {
