@@ -10,13 +10,12 @@ deepseek-lm prepare --chat --data chats.jsonl --out data/chats     # your conver
 from __future__ import annotations
 
 import dataclasses
-import logging
-import sys
 import typing
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from deepseek_lm.cli import parse_args
+from deepseek_lm.data.messages import warnings_to_stderr
 from deepseek_lm.data.preparation import PrepareConfig, PreparedData, prepare
 
 
@@ -59,13 +58,13 @@ def _attribute_docs(cls: type) -> dict[str, str]:
 def main(argv: list[str]) -> int:
     args = parse_args(build_parser(), argv)
     if args.chat:
-        _log_to_stderr()
-        print(_chat_summary(_prepare_chat(args)))
+        with warnings_to_stderr("prepare"):
+            print(_chat_summary(_prepare_chat(args)))
         return 0
     fields = {f.name for f in dataclasses.fields(PrepareConfig)}
     cfg = PrepareConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    _log_to_stderr()
-    print(_summary(prepare(cfg)))
+    with warnings_to_stderr("prepare"):
+        print(_summary(prepare(cfg)))
     return 0
 
 
@@ -111,15 +110,3 @@ def _chat_summary(chat) -> str:
         for name, s in m["splits"].items()
     )
     return f"{chat.path}: {how}; {m['source']}; split {m['split']}; {splits}"
-
-
-class _Stderr(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:  # looks up sys.stderr each time (pytest swaps it)
-        print(f"deepseek-lm prepare: {self.format(record)}", file=sys.stderr)
-
-
-def _log_to_stderr() -> None:
-    logger = logging.getLogger("deepseek_lm.data")
-    logger.setLevel(logging.INFO)
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        logger.addHandler(_Stderr())

@@ -315,13 +315,13 @@ def read_documents(paths: list[Path], text_field: str = "text") -> list[str]:
     if replaced:
         names = ", ".join(str(p) for p in list(replaced)[:3]) + (", ..." if len(replaced) > 3 else "")
         log.warning(
-            "warning: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD in %d file(s): %s",
+            "replaced %d invalid UTF-8 byte sequence(s) with U+FFFD in %d file(s): %s",
             sum(replaced.values()),
             len(replaced),
             names,
         )
     if empty:
-        log.warning("warning: skipped %d file(s) with no text, e.g. %s", len(empty), empty[0])
+        log.warning("skipped %d file(s) with no text, e.g. %s", len(empty), empty[0])
     return docs
 
 

@@ -11,13 +11,12 @@ Training settings are `--train.*` flags and YAML keys as for `train`, with fine-
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 from deepseek_lm import checkpoint as ckpt
 from deepseek_lm.cli import parse_args
+from deepseek_lm.data.messages import warnings_to_stderr
 from deepseek_lm.errors import UserError
 from deepseek_lm.train.config import TrainConfig
 
@@ -92,7 +91,6 @@ def main(argv: list[str]) -> int:
         return int(e.code or 0)
     if ns.data and ns.dataset:
         raise UserError("give --data or --dataset, not both")
-    _log_to_stderr()
     data: Any = None
     if ns.data and Path(ns.data).is_dir() and is_chat_dir(ns.data):
         data = ns.data
@@ -104,18 +102,6 @@ def main(argv: list[str]) -> int:
         )  # fmt: skip
     elif (ns.val_fraction, ns.split_seed) != (0.05, 0):
         data = ChatPrepareConfig(val_fraction=ns.val_fraction, split_seed=ns.split_seed)
-    finetune(ns.checkpoint, cfg, ns.out, data=data, resume=ns.resume, stop_at_step=ns.stop_at_step)
+    with warnings_to_stderr("finetune"):
+        finetune(ns.checkpoint, cfg, ns.out, data=data, resume=ns.resume, stop_at_step=ns.stop_at_step)
     return 0
-
-
-class _Stderr(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:  # looks up sys.stderr each time (pytest swaps it)
-        print(f"deepseek-lm finetune: warning: {self.format(record)}", file=sys.stderr)
-
-
-def _log_to_stderr() -> None:
-    """The data layer's warnings (bad lines, long conversations), one line each on stderr."""
-    logger = logging.getLogger("deepseek_lm.data")
-    logger.setLevel(logging.INFO)
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        logger.addHandler(_Stderr())
