@@ -177,9 +177,10 @@ def main(argv: list[str]) -> int:
     if cfg.speculative:
         from deepseek_lm import bench_speculative
 
-        return bench_speculative.main(cfg, _log)
-    result = run_bench(cfg)
-    print(format_table(result))
+        result, table = bench_speculative.run(cfg, _log), bench_speculative.format_table
+    else:
+        result, table = run_bench(cfg), format_table
+    print(table(result))
     if cfg.json:
         path = Path(cfg.json)
         path.parent.mkdir(parents=True, exist_ok=True)

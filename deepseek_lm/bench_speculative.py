@@ -16,7 +16,6 @@ gets per verification forward (1 + accepted drafts).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -157,14 +156,3 @@ def format_table(result: dict[str, Any]) -> str:
             f"{f['ratio']:>7.2f}×{100 * f['acceptance']:>11.1f}%{f['tokens_per_round']:>14.2f}"
         )
     return "\n".join(lines)
-
-
-def main(cfg: Any, log) -> int:
-    result = run(cfg, log)
-    print(format_table(result))
-    if cfg.json:
-        path = Path(cfg.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"results written to {path}")
-    return 0
