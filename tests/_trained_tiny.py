@@ -25,3 +25,17 @@ def trained_tiny_run(root: Path) -> Path:
     model_config.num_nextn_predict_layers = 1
     train(model_config, train_config, root / "run")
     return root / "run"
+
+
+# prompts of different lengths and kinds for the batching tests: a batch mixes rows that join, finish and
+# attend to different lengths
+PROMPTS = [
+    "The",
+    "A function that returns the value of the attribute",
+    "x = 1\n",
+    "Return a list of all the names in the module, sorted by their position in the file and",
+    "import",
+    "class",
+    "def get(self, key, default=None):",
+    "The quick brown fox",
+]

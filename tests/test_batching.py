@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from _trained_tiny import trained_tiny_run
+from _trained_tiny import PROMPTS, trained_tiny_run
 
 from deepseek_lm.checkpoint import load_checkpoint
 from deepseek_lm.errors import UserError
@@ -14,16 +14,6 @@ from deepseek_lm.generate import Engine, SamplingConfig
 from deepseek_lm.generate.batching import BatchEngine, Params, QueueFullError
 
 GREEDY = SamplingConfig(temperature=0)
-PROMPTS = [
-    "The",
-    "A function that returns the value of the attribute",
-    "x = 1\n",
-    "Return a list of all the names in the module, sorted by their position in the file and",
-    "import",
-    "class",
-    "def get(self, key, default=None):",
-    "The quick brown fox",
-]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from _trained_tiny import trained_tiny_run
+from _trained_tiny import PROMPTS, trained_tiny_run
 
 from deepseek_lm.checkpoint import load_checkpoint
 from deepseek_lm.config import DeepSeekConfig
@@ -21,16 +21,6 @@ from deepseek_lm.model.draft import SpeculativeDecoder
 
 GREEDY = SamplingConfig(temperature=0)
 SAMPLED = SamplingConfig(temperature=1.0, top_k=None)
-PROMPTS = [
-    "The",
-    "A function that returns the value of the attribute",
-    "x = 1\n",
-    "Return a list of all the names in the module, sorted by their position in the file and",
-    "import",
-    "class",
-    "def get(self, key, default=None):",
-    "The quick brown fox",
-]
 
 
 @pytest.fixture(scope="module")
