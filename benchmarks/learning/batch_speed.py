@@ -1,5 +1,6 @@
 """Training tokens per second of the demo's recipe at several micro-batch sizes, in one process, the sizes
-taking turns (median over rounds), so that other work on the machine shifts them all alike.
+taking turns (median over rounds; the study's `time_steps`), so that other work on the machine shifts them
+all alike.
 
     python benchmarks/learning/batch_speed.py                    # 8, 16, 32 sequences of 128 tokens, 2 threads
     python benchmarks/learning/batch_speed.py --sizes 8 16 --threads 1
@@ -11,23 +12,11 @@ Per token, 8 × 128 and 16 × 128 reach the same validation bits per byte on the
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-
-from deepseek_lm.config import DeepSeekConfig
-from deepseek_lm.train.config import TrainConfig, preset_defaults
-
-
-def trainer(micro_batch: int, run_dir: Path):
-    from deepseek_lm.train.trainer import build_trainer
-
-    model, train = preset_defaults("demo")
-    train.update(max_time_minutes=None, schedule_by_time=False, sample_every=0, micro_batch_size=micro_batch)
-    return build_trainer(DeepSeekConfig.from_dict(model), TrainConfig.from_dict(train), run_dir)
+from study import Arm, configs, time_steps  # this directory's study.py
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,26 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32], help="micro-batch sizes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens per size per round")
+    parser.add_argument("--steps", type=int, default=4, help="steps per size per round")
     args = parser.parse_args(argv)
-    from deepseek_lm.train.loop import train_step
-
     torch.set_num_threads(args.threads)
+    arms = [Arm(f"{n}", f"micro-batch {n}", train=dict(micro_batch_size=n)) for n in args.sizes]
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {n: trainer(n, Path(tmp) / str(n)) for n in args.sizes}
-        for t in trainers.values():  # warm-up: allocator, oneDNN primitives
-            for _ in range(3):
-                train_step(t, False)
-        seconds_per_token: dict[int, list[float]] = {n: [] for n in trainers}
-        for _ in range(args.rounds):
-            for n, t in trainers.items():
-                steps = max(1, args.tokens // t.tokens_per_step)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    train_step(t, False)
-                seconds_per_token[n].append((time.perf_counter() - start) / (steps * t.tokens_per_step))
-    for n, s in seconds_per_token.items():
-        print(f"micro-batch {n:3d}: {1 / statistics.median(s):8,.0f} tokens/s")
+        seconds = time_steps(arms, args.rounds, args.steps, Path(tmp))
+    for arm in arms:
+        _, cfg = configs(arm)
+        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len
+        print(f"{arm.label:16s}: {tokens_per_step / seconds[arm.name]:8,.0f} tokens/s")
     return 0
 
 
