@@ -57,6 +57,44 @@ def test_chunked_prefill_then_decode_equals_naive(model):
     torch.testing.assert_close(c, naive[:, -1:], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("start", ["none", 0, 5, "per row"])
+def test_last_logits_only_runs_the_last_layer_for_the_last_token_alone(model, start):
+    """The last layer's queries and FFN run for each row's last token only: the same last logits and the same
+    cache as the full forward, with and without a cache, from 0 (naive), at an offset (absorbed), per row."""
+    ids = torch.randint(0, 512, (2, 12))
+    rows_in = []
+    hook = model.layers[-1].mlp.register_forward_hook(lambda m, args, out: rows_in.append(args[0].shape[1]))
+    with torch.no_grad():
+        if start == "none":
+            full, last = model(ids).logits, model(ids, last_logits_only=True).logits
+            kv_full = kv_last = []
+        else:
+            at = {0: 0, 5: 5, "per row": torch.tensor([5, 3])}[start]
+            caches = [model.new_cache(2, 20) for _ in range(2)]
+            for cache in caches:  # the same earlier positions in both caches (each row's own offset)
+                model(ids[:, :5], cache=cache)
+            rows_in.clear()
+            full = model(ids, cache=caches[0], start_pos=at).logits
+            last = model(ids, cache=caches[1], start_pos=at, last_logits_only=True).logits
+            kv_full, kv_last = caches[0].kv, caches[1].kv
+    hook.remove()
+    assert rows_in == [12, 1]  # the last layer's FFN saw one token per row
+    torch.testing.assert_close(last, full[:, -1:], atol=ATOL, rtol=0)
+    for a, b in zip(kv_full, kv_last):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
+def test_last_logits_only_of_packed_sequences(model):
+    """doc_ids: the last token attends within its own sequence only."""
+    ids, doc = torch.randint(0, 512, (1, 10)), torch.tensor([[0] * 6 + [1] * 4])
+    with torch.no_grad():
+        full = model(ids, doc_ids=doc).logits
+        last = model(ids, doc_ids=doc, last_logits_only=True).logits
+        alone = model(ids[:, 6:]).logits
+    torch.testing.assert_close(last, full[:, -1:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(last, alone[:, -1:], atol=ATOL, rtol=0)
+
+
 def test_per_row_start_pos_with_right_padded_prompts(model):
     """Rows of different lengths: right-pad, prefill at 0, decode each row at its own length."""
     lengths, pad = [5, 9, 7], 0

@@ -25,9 +25,13 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, pos: Positions, cache: torch.Tensor | None = None):
-        """-> x, aux loss (or None for a dense layer), RouterStats (or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), pos, cache)
+    def forward(
+        self, x: torch.Tensor, pos: Positions, cache: torch.Tensor | None = None, last_only: bool = False
+    ):
+        """-> x, aux loss (or None for a dense layer), RouterStats (or None). `last_only`: x of each row's last
+        token alone (B, 1, D), the attention's latents written for all (`MLA.forward`)."""
+        attn = self.self_attn(self.input_layernorm(x), pos, cache, last_only)
+        x = (x[:, -1:] if last_only else x) + attn
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, aux, stats = self.mlp(h)

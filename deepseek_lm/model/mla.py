@@ -68,6 +68,18 @@ class Positions:
     mask: torch.Tensor | None = None  # (B or 1, 1, T, L) bool, True = attend; None = attend to all L
     packed_mask: torch.Tensor | None = None  # (B, 1, T, T) bool: causal within each packed sequence
 
+    def last(self) -> Positions:
+        """The positions of each row's last token alone (its query sees what it saw among all T)."""
+        return Positions(
+            self.cos[:, -1:],
+            self.sin[:, -1:],
+            start=None if self.start is None else self.kv_len - 1,
+            pos_BT=None if self.pos_BT is None else self.pos_BT[:, -1:],
+            kv_len=self.kv_len,
+            mask=None if self.mask is None else self.mask[..., -1:, :],
+            packed_mask=None if self.packed_mask is None else self.packed_mask[..., -1:, :],
+        )
+
 
 def make_positions(rope: torch.Tensor, B: int, T: int, start_pos, cached: bool, max_len: int) -> Positions:
     """rope (2, S, dr) tables; start_pos int or (B,) long. Checks positions against the tables and cache."""
@@ -76,7 +88,7 @@ def make_positions(rope: torch.Tensor, B: int, T: int, start_pos, cached: bool, 
     if start is not None:
         cos, sin = rope[:, start:end, None]  # (T, 1, dr)
         pos = Positions(cos[None], sin[None], start=start, kv_len=end)
-        if cached and T > 1:
+        if cached and T > 1 and start > 0:  # from 0 the naive path runs, causal without a mask
             j = torch.arange(end, device=dev)
             pos.mask = (j <= torch.arange(start, end, device=dev)[:, None])[None, None]  # (1, 1, T, L)
         return pos
@@ -149,41 +161,52 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(r, H * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(H * self.dv, D, bias=False)
 
-    def forward(self, x: torch.Tensor, pos: Positions, cache: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D). `cache`: this layer's (B, S, r + dr) buffer, or None for the naive path."""
+    def forward(
+        self, x: torch.Tensor, pos: Positions, cache: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). `cache`: this layer's (B, S, r + dr) buffer, or None for the naive path.
+        `last_only`: every token's latent (and with a cache, its place there), but the output of each row's
+        last token alone, (B, 1, D): its query is the only one that runs (`Positions.last`)."""
         B, T, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank == 0 else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.dn, self.dr], dim=-1)  # (B, T, H, dn|dr)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # (B, T, r)
-        q_pe = apply_rope(q_pe, pos.cos, pos.sin)  # (B, T, H, dr)
         k_pe = apply_rope(k_pe[:, :, None], pos.cos, pos.sin)  # (B, T, 1, dr)
-        if cache is not None and pos.start == 0 and T > 1:  # a prefill from position 0: nothing to read back
-            _write_latent(cache, torch.cat((c_kv, k_pe[:, :, 0]), dim=-1), pos)
-            cache = None  # and the naive path is cheaper: heads of dn + dr, not r + dr (2k tokens: -17 %)
-        if cache is None:
-            o = self._naive(q_nope, q_pe, c_kv, k_pe, pos.packed_mask)
+        if last_only:
+            x, pos_q = x[:, -1:], pos.last()
         else:
-            o = self._absorbed(q_nope, q_pe, c_kv, k_pe[:, :, 0], pos, cache)
-        return self.o_proj(o.reshape(B, T, -1))
+            pos_q = pos
+        Tq = x.shape[1]
+        q = self.q_proj(x) if self.q_lora_rank == 0 else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, Tq, self.n_heads, -1).split([self.dn, self.dr], dim=-1)  # (B, Tq, H, dn|dr)
+        q_pe = apply_rope(q_pe, pos_q.cos, pos_q.sin)  # (B, Tq, H, dr)
+        if cache is not None:
+            _write_latent(cache, torch.cat((c_kv, k_pe[:, :, 0]), dim=-1), pos)
+            if pos.start == 0 and T > 1:  # a prefill from position 0: nothing to read back, and the naive
+                cache = None  # path is cheaper: heads of dn + dr, not r + dr (2k tokens: -17 %)
+        if cache is None:
+            o = self._naive(q_nope, q_pe, c_kv, k_pe, pos_q.packed_mask)
+        else:
+            o = self._absorbed(q_nope, q_pe, pos_q, cache)
+        return self.o_proj(o.reshape(B, Tq, -1))
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, packed_mask=None) -> torch.Tensor:
-        B, T, H, _ = q_nope.shape
+        """Queries (B, Tq, H, ·) of the last Tq of the T tokens (Tq = T, or 1) over all T keys."""
+        B, T, H, Tq = *c_kv.shape[:2], self.n_heads, q_nope.shape[1]
         k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).split([self.dn, self.dv], dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, T, dqk)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, Tq, dqk)
         k = torch.cat((k_nope, k_pe.expand(B, T, H, self.dr)), dim=-1).transpose(1, 2)  # (B, H, T, dqk)
         v = v.transpose(1, 2)  # (B, H, T, dv)
-        if packed_mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        if packed_mask is None:  # causal; a last token alone sees every key
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=packed_mask, scale=self.scale)
-        return o.transpose(1, 2)  # (B, T, H, dv)
+        return o.transpose(1, 2)  # (B, Tq, H, dv)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, pos: Positions, cache: torch.Tensor) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, pos: Positions, cache: torch.Tensor) -> torch.Tensor:
+        """Queries at `pos` over the cache, which already holds every token's latent."""
         w_ukv = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
         # W_uk folded into the query: q_nope·(W_uk c_kv) = (W_uk^T q_nope)·c_kv
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_ukv[:, : self.dn])  # (B, T, H, r)
-        _write_latent(cache, torch.cat((c_kv, k_pe), dim=-1), pos)
         o_lat = _latent_attention(torch.cat((q_lat, q_pe), dim=-1), cache, pos, self.scale, self.kv_lora_rank)
         return torch.einsum("bthr,hdr->bthd", o_lat, w_ukv[:, self.dn :])  # W_uv folded into the output
 

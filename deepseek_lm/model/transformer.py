@@ -136,6 +136,8 @@ class DeepSeekLM(nn.Module):
         over it; row b's tokens sit at positions start_pos[b] + t (start_pos an int or (B,) long), are written
         there, and attend to cache positions j <= their own. Without a cache: naive MLA, causal over T.
         return_hidden: return the final-normed hidden states instead of logits (a caller with its own head).
+        last_logits_only: logits (or hidden states) of each row's last token alone, (B, 1, ·); the cache still
+        gets every token's latents.
         doc_ids (B, T): rows that pack several sequences, a new one wherever the id changes; each attends only
         within itself, from position 0 (fine-tuning on packed conversations; no cache).
         """
@@ -151,10 +153,13 @@ class DeepSeekLM(nn.Module):
         aux, stats = None, []
         for i, block in enumerate(self.layers):
             layer_cache = cache.kv[i] if cache is not None else None
+            # only the last token's logits are wanted: past the last layer's latents (the cache's), no other
+            # token's state is read, so its queries and FFN run for that token alone (as llama.cpp's graphs)
+            last_only = last_logits_only and targets is None and i == len(self.layers) - 1
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, a, s = checkpoint(block, x, pos, layer_cache, use_reentrant=False)
+                x, a, s = checkpoint(block, x, pos, layer_cache, last_only, use_reentrant=False)
             else:
-                x, a, s = block(x, pos, layer_cache)
+                x, a, s = block(x, pos, layer_cache, last_only)
             if s is not None:
                 aux = a if aux is None else aux + a
                 stats.append(s)
@@ -170,8 +175,6 @@ class DeepSeekLM(nn.Module):
                 if mtp.aux_loss is not None:
                     out.aux_loss = aux + mtp.aux_loss
             return out
-        if last_logits_only:
-            x = x[:, -1:]
         if return_hidden:
             return ModelOutput(hidden=self.norm(x), aux_loss=aux, router_stats=stats)
         return ModelOutput(logits=self.lm_head(self.norm(x)), aux_loss=aux, router_stats=stats)
