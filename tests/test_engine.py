@@ -7,6 +7,8 @@ from deepseek_lm.data import train_bpe
 from deepseek_lm.errors import UserError
 from deepseek_lm.generate import Engine, PromptTruncatedWarning, SamplingConfig
 from deepseek_lm.generate.streaming import TextStream
+from deepseek_lm.model import get_model
+from deepseek_lm.model.decode import Decoder
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Héllo wörld — naïve café, 日本語のテキスト, emoji 🙂 too.\n"
@@ -286,3 +288,30 @@ def test_repetition_penalty_breaks_greedy_loops(engine):
     prompt = engine.encode("The")
     first = engine.generate_ids([prompt], 1, sampling=SamplingConfig(temperature=0, repetition_penalty=1e6))
     assert first[0].token_ids[0] not in prompt
+
+
+def test_engine_keeps_its_decoder_until_the_weights_change(tiny_config):
+    """The decode steps' rearranged weights are kept between calls and rebuilt after any in-place change of
+    the weights (an optimizer step, load_state_dict): the output always follows the weights."""
+    torch.manual_seed(0)
+    model = get_model(tiny_config)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    engine, prompt = Engine(model), [[5, 6, 7, 8]]
+
+    def logits() -> torch.Tensor:
+        return engine.generate_ids(prompt, 6, sampling=GREEDY, output_logits=True)[0].logits
+
+    before = logits()
+    decoder = engine.decoder(Decoder, 1)
+    assert engine.decoder(Decoder, 1) is decoder  # kept between calls
+    model.train()
+    model(torch.randint(0, 512, (2, 16)), targets=torch.randint(0, 512, (2, 16))).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    model.eval()
+    trained = logits()
+    assert engine.decoder(Decoder, 1) is not decoder
+    assert (trained - before).abs().max() > 1e-3
+    fresh = Engine(model).generate_ids(prompt, 6, sampling=GREEDY, output_logits=True)[0].logits
+    torch.testing.assert_close(trained, fresh, atol=0, rtol=0)
+    model.load_state_dict(saved)
+    torch.testing.assert_close(logits(), before, atol=0, rtol=0)

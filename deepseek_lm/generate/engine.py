@@ -30,10 +30,11 @@ from deepseek_lm.data.tokenizer import special_token_ids
 from deepseek_lm.errors import UserError
 from deepseek_lm.generate.sampling import SamplingConfig, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
-from deepseek_lm.model.decode import Decoder
+from deepseek_lm.model.decode import Decoder, weights_stamp
 
 _SYNC_EVERY = 16  # decode steps between "all rows finished?" checks on a GPU (each check is a device sync)
 _COMPILED_CACHE_MULTIPLE = 256  # cache lengths of a compiled engine: one graph serves all calls up to it
+_DECODERS_KEPT = 4  # decoders kept between calls (`Engine.decoder`), the most recently used
 
 # called with (prompt index, text piece) as text is produced
 StreamCallback = Callable[[int, str], None]
@@ -89,6 +90,7 @@ class Engine:
         self.compile = compile
         self.speculative, self.draft_tokens = speculative, draft_tokens
         self.speculative_stats: Any = None  # the last speculative call's SpeculativeStats
+        self._decoders: dict[tuple, tuple[tuple | None, Decoder]] = {}  # (class, sizes) -> (stamp, decoder)
         self.context_length: int = config.max_position_embeddings
         # the model config's ids win (an imported model carries them); else the tokenizer's own
         special = special_token_ids(tokenizer) if tokenizer is not None else {}
@@ -116,6 +118,19 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def decoder(self, cls: type[Decoder], *sizes: int) -> Decoder:
+        """`cls(model, *sizes, compile=self.compile)` (model/decode.py), kept between calls while the weights
+        stay the same (`weights_stamp`): rearranging them is ~10 ms on the seed preset, paid once, not before
+        every call's first token; weights that train between calls get a new one."""
+        key, stamp = (cls, *sizes), weights_stamp(self.model)
+        kept_stamp, decoder = self._decoders.pop(key, (None, None))
+        if decoder is None or stamp is None or kept_stamp != stamp:
+            decoder = cls(self.model, *sizes, compile=self.compile)
+        self._decoders[key] = (stamp, decoder)  # last in the dict: the most recently used
+        while len(self._decoders) > _DECODERS_KEPT:
+            del self._decoders[next(iter(self._decoders))]
+        return decoder
 
     # text API -------------------------------------------------------------------------------------------
 
@@ -301,9 +316,7 @@ class _DecodeState:
         self.seen = (
             _seen_mask(rows, model.config.vocab_size, device) if sampling.repetition_penalty != 1 else None
         )
-        # decode steps through the weights rearranged for them (model/decode.py); built per call, so it
-        # follows weights that train between calls
-        self.decoder = Decoder(model, batch, compile=engine.compile)
+        self.decoder = engine.decoder(Decoder, batch)  # the decode steps (model/decode.py)
         self.logits, self.pos = self._prefill(_right_pad(rows, self.pad, device))
 
     def _next_logits(self, ids: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,7 @@ class SpeculativeState(_DecodeState):
         cache_len = min(max(self.lengths) + self.max_new_tokens, engine.context_length) + 2 * D
         if engine.compile:  # compiled steps are specialised to the cache length: round it so calls share them
             cache_len = -(-cache_len // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
-        self.decoder = SpeculativeDecoder(self.model, B, D + 1, compile=engine.compile)
+        self.decoder = engine.decoder(SpeculativeDecoder, B, D + 1)
         self.cache = self.model.new_cache(B, cache_len, device=device)
         self.draft_kv = self.decoder.new_draft_cache(cache_len)
         width = max(self.steps, 1) + D + 1  # a round may write D + 1 tokens past the last one needed

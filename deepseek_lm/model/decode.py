@@ -32,8 +32,8 @@ kernels without Python in between). Eager, it attends to the cache positions in 
 cache under a mask.
 
 The decoder holds rearranged copies of the model's weights, made when it is built (gathered experts read
-the model's own tensors): build a new one after the weights change (the engine builds one per `generate`
-call). `model(...)` with a cache stays the reference: tests/test_decode.py
+the model's own tensors): build a new one after the weights change (the engine keeps one per batch size
+while `weights_stamp` says they have not). `model(...)` with a cache stays the reference: tests/test_decode.py
 holds the two to 1e-5.
 
 Legend: B rows, T new tokens per row, N = B·T, D hidden, H heads, r kv_lora_rank, dr rope dim,
@@ -472,6 +472,17 @@ class Decoder:
             )
         kvs = [kv[:, :end] for kv in cache.kv]
         return decode_step(self.weights, ids, pos_BT, kvs, masked=T > 1 or start is None)
+
+
+def weights_stamp(model: torch.nn.Module) -> tuple | None:
+    """What a decoder built from `model` reads: every parameter's and buffer's identity, storage and version
+    counter, which each in-place write bumps (an optimizer step, load_state_dict, copy_ under no_grad; not
+    writes through `.data`). Equal stamps, the same weights. None where a counter cannot be read (tensors
+    made under inference_mode have none): nothing to compare, so build anew."""
+    try:
+        return tuple((id(t), t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
 
 
 def _first_not_none(*values):
