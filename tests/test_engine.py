@@ -302,14 +302,14 @@ def test_engine_keeps_its_decoder_until_the_weights_change(tiny_config):
         return engine.generate_ids(prompt, 6, sampling=GREEDY, output_logits=True)[0].logits
 
     before = logits()
-    decoder = engine.decoder(Decoder, 1)
-    assert engine.decoder(Decoder, 1) is decoder  # kept between calls
+    decoder = engine.fast_path(Decoder, 1, compile=False)
+    assert engine.fast_path(Decoder, 1, compile=False) is decoder  # kept between calls
     model.train()
     model(torch.randint(0, 512, (2, 16)), targets=torch.randint(0, 512, (2, 16))).loss.backward()
     torch.optim.SGD(model.parameters(), lr=1.0).step()
     model.eval()
     trained = logits()
-    assert engine.decoder(Decoder, 1) is not decoder
+    assert engine.fast_path(Decoder, 1, compile=False) is not decoder
     assert (trained - before).abs().max() > 1e-3
     fresh = Engine(model).generate_ids(prompt, 6, sampling=GREEDY, output_logits=True)[0].logits
     torch.testing.assert_close(trained, fresh, atol=0, rtol=0)

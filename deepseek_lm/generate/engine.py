@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,10 +31,12 @@ from deepseek_lm.errors import UserError
 from deepseek_lm.generate.sampling import SamplingConfig, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
 from deepseek_lm.model.decode import Decoder, weights_stamp
+from deepseek_lm.model.prefill import Prefill, fill
 
 _SYNC_EVERY = 16  # decode steps between "all rows finished?" checks on a GPU (each check is a device sync)
 _COMPILED_CACHE_MULTIPLE = 256  # cache lengths of a compiled engine: one graph serves all calls up to it
-_DECODERS_KEPT = 4  # decoders kept between calls (`Engine.decoder`), the most recently used
+_FAST_PATHS_KEPT = 4  # rearranged weights kept between calls (`Engine.fast_path`), the most recently used
+T = TypeVar("T")
 
 # called with (prompt index, text piece) as text is produced
 StreamCallback = Callable[[int, str], None]
@@ -90,7 +92,7 @@ class Engine:
         self.compile = compile
         self.speculative, self.draft_tokens = speculative, draft_tokens
         self.speculative_stats: Any = None  # the last speculative call's SpeculativeStats
-        self._decoders: dict[tuple, tuple[tuple | None, Decoder]] = {}  # (class, sizes) -> (stamp, decoder)
+        self._fast_paths: dict[tuple, tuple[tuple | None, Any]] = {}  # (class, sizes, options) -> (stamp, it)
         self.context_length: int = config.max_position_embeddings
         # the model config's ids win (an imported model carries them); else the tokenizer's own
         special = special_token_ids(tokenizer) if tokenizer is not None else {}
@@ -119,18 +121,19 @@ class Engine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def decoder(self, cls: type[Decoder], *sizes: int) -> Decoder:
-        """`cls(model, *sizes, compile=self.compile)` (model/decode.py), kept between calls while the weights
-        stay the same (`weights_stamp`): rearranging them is ~10 ms on the seed preset, paid once, not before
-        every call's first token; weights that train between calls get a new one."""
-        key, stamp = (cls, *sizes), weights_stamp(self.model)
-        kept_stamp, decoder = self._decoders.pop(key, (None, None))
-        if decoder is None or stamp is None or kept_stamp != stamp:
-            decoder = cls(self.model, *sizes, compile=self.compile)
-        self._decoders[key] = (stamp, decoder)  # last in the dict: the most recently used
-        while len(self._decoders) > _DECODERS_KEPT:
-            del self._decoders[next(iter(self._decoders))]
-        return decoder
+    def fast_path(self, cls: type[T], *sizes: int, **options: Any) -> T:
+        """`cls(model, *sizes, **options)`: the model's weights rearranged for a fast path (model/decode.py's
+        decode steps, model/prefill.py's prefill), kept between calls while they stay the same
+        (`weights_stamp`): rearranging them is ~10-20 ms on the seed preset, paid once, not before every
+        call's first token; weights that train between calls get a new one."""
+        key, stamp = (cls, sizes, tuple(sorted(options.items()))), weights_stamp(self.model)
+        kept_stamp, built = self._fast_paths.pop(key, (None, None))
+        if built is None or stamp is None or kept_stamp != stamp:
+            built = cls(self.model, *sizes, **options)
+        self._fast_paths[key] = (stamp, built)  # last in the dict: the most recently used
+        while len(self._fast_paths) > _FAST_PATHS_KEPT:
+            del self._fast_paths[next(iter(self._fast_paths))]
+        return built
 
     # text API -------------------------------------------------------------------------------------------
 
@@ -316,17 +319,15 @@ class _DecodeState:
         self.seen = (
             _seen_mask(rows, model.config.vocab_size, device) if sampling.repetition_penalty != 1 else None
         )
-        self.decoder = engine.decoder(Decoder, batch)  # the decode steps (model/decode.py)
+        self.decoder = engine.fast_path(Decoder, batch, compile=engine.compile)  # model/decode.py
+        self.fast_prefill = engine.fast_path(Prefill) if Prefill.supports(model) else None  # model/prefill.py
         self.logits, self.pos = self._prefill(_right_pad(rows, self.pad, device))
 
     def _next_logits(self, ids: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         """Run `ids` (B, T) through the model at `start_pos`; -> the logits after the last one (B, V)."""
         if ids.shape[1] == 1:
             return self.decoder(ids, self.cache, start_pos)
-        out = self.model(
-            ids, cache=self.cache, start_pos=start_pos, last_logits_only=True, return_hidden=True
-        )
-        return self.decoder.logits(out.hidden[:, -1])
+        return self.decoder.logits(fill(self.model, self.fast_prefill, ids, self.cache, start_pos))
 
     def _prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Fill the cache with the prompts; return next-token logits (B, V) and the next positions."""
@@ -335,9 +336,7 @@ class _DecodeState:
             return self._next_logits(prompt, 0), longest
         # ragged: all but the last column in one pass, then each row's last token at its own position
         if longest > 1:
-            self.model(
-                prompt[:, :-1], cache=self.cache, start_pos=0, last_logits_only=True, return_hidden=True
-            )
+            fill(self.model, self.fast_prefill, prompt[:, :-1], self.cache, 0)
         last_pos = torch.tensor(self.lengths, device=prompt.device) - 1  # (B,)
         last_tok = prompt.gather(1, last_pos[:, None])  # (B, 1)
         return self._next_logits(last_tok, last_pos), last_pos + 1

@@ -40,6 +40,7 @@ from deepseek_lm.generate.engine import _COMPILED_CACHE_MULTIPLE, _DecodeState, 
 from deepseek_lm.generate.sampling import SamplingConfig, argmax, draw, make_generator, probabilities, sample
 from deepseek_lm.model.draft import SpeculativeDecoder
 from deepseek_lm.model.mla import make_positions
+from deepseek_lm.model.prefill import Prefill, fill
 
 
 @dataclass
@@ -161,7 +162,8 @@ class SpeculativeState(_DecodeState):
         cache_len = min(max(self.lengths) + self.max_new_tokens, engine.context_length) + 2 * D
         if engine.compile:  # compiled steps are specialised to the cache length: round it so calls share them
             cache_len = -(-cache_len // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
-        self.decoder = engine.decoder(SpeculativeDecoder, B, D + 1)
+        self.decoder = engine.fast_path(SpeculativeDecoder, B, D + 1, compile=engine.compile)
+        self.fast_prefill = engine.fast_path(Prefill) if Prefill.supports(self.model) else None
         self.cache = self.model.new_cache(B, cache_len, device=device)
         self.draft_kv = self.decoder.new_draft_cache(cache_len)
         width = max(self.steps, 1) + D + 1  # a round may write D + 1 tokens past the last one needed
@@ -176,7 +178,7 @@ class SpeculativeState(_DecodeState):
     def _prefill(self, prompt: torch.Tensor) -> None:
         """The prompts in one forward, keeping every position's state for the MTP module's prefill."""
         self.prompt = prompt
-        self.prompt_states = self.model(prompt, cache=self.cache, start_pos=0, return_hidden=True).hidden
+        self.prompt_states = fill(self.model, self.fast_prefill, prompt, self.cache, 0, every_state=True)
         self.pos = np.array(self.lengths, dtype=np.int64)  # position of each row's newest token
         last = torch.tensor(self.lengths, device=prompt.device) - 1
         self.logits = self.decoder.logits(self.prompt_states[self.rows, last])  # (B, V)

@@ -50,6 +50,7 @@ from deepseek_lm.generate.sampling import argmax, draw, probabilities
 from deepseek_lm.generate.speculative import accept_greedy, accept_sampled, chain, draft_prefill
 from deepseek_lm.model.decode import _KV_CHUNK
 from deepseek_lm.model.draft import SpeculativeDecoder
+from deepseek_lm.model.prefill import Prefill, fill
 
 
 class SpeculativeBatchEngine(BatchEngine):
@@ -81,6 +82,7 @@ class SpeculativeBatchEngine(BatchEngine):
         # after the last kept one); a multiple of the attention slice, so that every length attended is one
         self._cache_len = -(-(self.context_length + 2 * D) // _KV_CHUNK) * _KV_CHUNK
         self.decoder = SpeculativeDecoder(model, n, D + 1, batch_invariant=True)
+        self.fast_prefill = Prefill(model) if Prefill.supports(model) else None  # model/prefill.py
         self.cache = model.new_cache(n, self._cache_len, device=device)
         self._staging = model.new_cache(1, self._cache_len, device=device)
         self.draft_cache = self.decoder.new_draft_cache(self._cache_len)  # (n, L, r + dr)
@@ -103,7 +105,7 @@ class SpeculativeBatchEngine(BatchEngine):
         """The main model over the chunk (every position's state kept), then the MTP module over the pairs
         (h_i, t_{i+1}) whose next token is in the prompt; the last state waits (`_join`)."""
         ids = torch.tensor([request.prompt_ids[start:end]], device=self._device)  # (1, T)
-        hidden = self.model(ids, cache=self._staging, start_pos=start, return_hidden=True).hidden  # (1, T, D)
+        hidden = fill(self.model, self.fast_prefill, ids, self._staging, start, every_state=True)  # (1, T, D)
         pending = hidden if start == 0 else torch.cat((request._pending, hidden), dim=1)
         if end < request.prompt_tokens:
             first = end - pending.shape[1]  # the position of pending's first state

@@ -20,7 +20,7 @@ call, layouts that do the same math in fewer and larger products:
   so the same experts win; the outputs equal the model's up to the order of fp32 additions.
 - The LM head as a (D, V) copy: a (B, D) @ (D, V) product streams the weight row by row, ~3× faster on a
   CPU at batch 1 than F.linear's (V, D) layout. From 3 rows up on a CPU, oneDNN's product over the weight
-  in its own blocked layout instead (`_pack`), and the same for the SwiGLUs' products outside compiled
+  in its own blocked layout instead (`onednn.pack`), and the same for the SwiGLUs' products outside compiled
   graphs: MKL is slow for a few rows times a wide matrix.
 - Batch-invariant (`batch_invariant=True`, what serve's continuous batching builds): a row's logits do not
   depend on the other rows of the step nor on the attended length, bitwise (see `Decoder`).
@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.model import onednn
 from deepseek_lm.model.mla import MLA, LatentCache, token_positions
 from deepseek_lm.model.moe import MoE, route
 from deepseek_lm.model.transformer import DeepSeekLM
@@ -59,7 +60,7 @@ from deepseek_lm.model.transformer import DeepSeekLM
 class _Attention:
     """One layer's MLA, absorbed; the input norm, the q norm and the softmax scale folded in."""
 
-    # products as (K, M) for x @ w, or as (M, K) packed by oneDNN in a batch-invariant decoder (`_mm`)
+    # products as (K, M) for x @ w, or as (M, K) packed by oneDNN in a batch-invariant decoder (`onednn.mm`)
     # (D, ql + r + 2·dr): [c_q | c_kv | k_pe | swap(k_pe)]; without q lora (D, H·(r + 2·dr) + r + 2·dr), q first
     w_in: torch.Tensor
     w_q: torch.Tensor | None  # (ql, H·(r + 2·dr)): per head [q_lat | q_pe], then per head swap(q_pe)
@@ -73,7 +74,7 @@ class _FFN:
     experts plus (when dense) every routed expert — and otherwise the routed experts gathered per token."""
 
     norm: torch.Tensor | None  # the post-attention norm's weight; None when folded into w_in and router
-    # (D, 2·n·I): the n SwiGLUs' gates, then their ups; or (2·n·I, D) packed by oneDNN (`_mm`)
+    # (D, 2·n·I): the n SwiGLUs' gates, then their ups; or (2·n·I, D) packed by oneDNN (`onednn.mm`)
     w_in: torch.Tensor | None
     w_down: torch.Tensor | None  # (D, n·I): F.linear's layout, which a CPU reads faster; or packed
     always_on: int  # leading columns of the activation with weight 1 (the dense FFN or the shared experts)
@@ -127,9 +128,9 @@ def _attention_weights(attn: MLA, norm_w: torch.Tensor, pack_rows: int | None) -
 
 
 def _held(weight_KM: torch.Tensor, pack_rows: int | None) -> torch.Tensor:
-    """A product's (K, M) weight as `_mm` takes it: packed by oneDNN for `pack_rows` rows where `_pack`
+    """A product's (K, M) weight as `onednn.mm` takes it: packed by oneDNN for `pack_rows` rows where `onednn.pack`
     can, else contiguous."""
-    packed = _pack(weight_KM.t(), pack_rows)
+    packed = onednn.pack(weight_KM.t(), pack_rows)
     return packed if packed is not None else weight_KM.contiguous()
 
 
@@ -163,7 +164,7 @@ def _ffn_weights(
     return _FFN(
         norm=None if fold else norm_w,
         w_in=_held((torch.cat(gates + ups) * scale).t(), pack_rows) if gates else None,
-        w_down=_first_not_none(_pack(w_down, pack_rows), w_down),
+        w_down=_first_not_none(onednn.pack(w_down, pack_rows), w_down),
         always_on=always_on,
         router=_held((router * scale.float()).t(), pack_rows if pack_router else None)
         if router is not None
@@ -259,12 +260,12 @@ def _attention(
     """h (N, D) normed, N = B·T -> (N, D); writes the tokens' [c_kv | k_pe] into kv at pos_BT (B, T)."""
     (B, T), N = pos_BT.shape, h.shape[0]
     H, r, dr, ql = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.q_lora_rank
-    y = _mm(h, a.w_in)
+    y = onednn.mm(h, a.w_in)
     if a.w_q is None:
         q, lat = y.split([H * (r + 2 * dr), r + 2 * dr], dim=-1)
     else:
         c_q, lat = y.split([ql, r + 2 * dr], dim=-1)
-        q = _mm(_rms_norm(c_q, None, cfg.rms_norm_eps), a.w_q)
+        q = onednn.mm(_rms_norm(c_q, None, cfg.rms_norm_eps), a.w_q)
     q, q_swap = q.split([H * (r + dr), H * dr], dim=-1)
     q = q.view(N, H, r + dr)  # scaled
     q[..., r:].mul_(cos).addcmul_(q_swap.view(N, H, dr), sin)  # RoPE: x·cos + swap(x)·sin
@@ -280,7 +281,7 @@ def _attention(
     if hide is not None:
         scores = scores.view(B, T, H, -1).masked_fill_(hide, float("-inf")).flatten(1, 2)
     o_lat = _values(scores.softmax(-1, dtype=torch.float32).to(kv.dtype), kv[..., :r], kv_chunk)
-    return _mm(o_lat.view(N, H * r), a.w_out)
+    return onednn.mm(o_lat.view(N, H * r), a.w_out)
 
 
 def _values(p: torch.Tensor, c_kv: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -302,15 +303,15 @@ def _ffn(f: _FFN, cfg: DeepSeekConfig, x: torch.Tensor, route_rows: int) -> torc
     N, D = x.shape
     h_ND = _rms_norm(x, f.norm, cfg.rms_norm_eps)
     if f.router is not None:
-        ids_NK, w_NK = _route(_mm(h_ND.float(), f.router), f.bias, cfg, route_rows)
+        ids_NK, w_NK = _route(onednn.mm(h_ND.float(), f.router), f.bias, cfg, route_rows)
     out = None
     if f.w_in is not None:
-        gate, up = _mm(h_ND, f.w_in).chunk(2, dim=-1)
+        gate, up = onednn.mm(h_ND, f.w_in).chunk(2, dim=-1)
         act = F.silu(gate) * up  # (N, n·I)
         if f.router is not None and f.experts_gu is None:  # dense: unchosen experts weigh 0
             w_NE = h_ND.new_zeros(N, cfg.n_routed_experts).scatter_(1, ids_NK, w_NK.to(h_ND.dtype))
             act[:, f.always_on :].unflatten(-1, (w_NE.shape[1], -1)).mul_(w_NE[..., None])
-        out = _mm(act, f.w_down) if f.w_down.is_mkldnn else F.linear(act, f.w_down)
+        out = onednn.mm(act, f.w_down) if f.w_down.is_mkldnn else F.linear(act, f.w_down)
     if f.experts_gu is not None:  # each token's K experts, gathered: (A, 2I, D) and (A, D, I)
         # index_select copies whole matrices (indexing goes element by element), and a row times a
         # transposed matrix streams the weights ~8× faster on a CPU than the matrix times a column
@@ -339,39 +340,8 @@ def _route(logits_NE: torch.Tensor, bias_E: torch.Tensor, cfg: DeepSeekConfig, r
     return ids_NK[:N], w_NK[:N]
 
 
-def _mm(x_NK: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (N, K) times a weight held as (K, M), or as (M, K) packed by oneDNN (`_pack`).
-
-    oneDNN's kernel for one row rounds differently from its kernel for several (at K >= 2048): a single row
-    runs as two, so that a row's result is the same alone as beside others (a batch-invariant decoder)."""
-    if w.is_mkldnn:
-        if x_NK.shape[0] == 1:
-            return torch.ops.mkldnn._linear_pointwise(x_NK.expand(2, -1), w, None, "none", [], "")[:1]
-        return torch.ops.mkldnn._linear_pointwise(x_NK, w, None, "none", [], "")
-    return x_NK @ w
-
-
 def _head(w: DecoderWeights, h_BD: torch.Tensor) -> torch.Tensor:
-    return _mm(h_BD, w.head_packed if w.head_packed is not None else w.head_DV)
-
-
-def _pack(weight_MK: torch.Tensor | None, batch_size: int | None) -> torch.Tensor | None:
-    """A weight in oneDNN's blocked layout for `batch_size` rows, or None where that does not pay or exist.
-
-    On a CPU MKL's sgemm is slow for a few rows times a wide weight (the seed's head at 8 rows: 4.7 ms, 22
-    GFLOP/s); oneDNN's product over a weight laid out ahead of time takes 2.8 ms, and the eager decode step
-    at batch 3 / 4 / 8 / 32 is 16 / 26 / 23 / 15 % faster; the SwiGLUs' products through it another 17 / 24
-    / 24 % at batch 3 / 8 / 16 (one thread, A/B in one process, under load). At one row MKL's matrix-vector
-    product was faster (0.9 against 2.4 ms, the layout packed for one row), at two a wash. Applied outside
-    compiled graphs: inductor cannot lower the layout."""
-    if weight_MK is None or batch_size is None or batch_size < 3:
-        return None
-    if weight_MK.device.type != "cpu" or weight_MK.dtype != torch.float32:
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight_MK.detach().contiguous(), batch_size)
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN
-        return None
+    return onednn.mm(h_BD, w.head_packed if w.head_packed is not None else w.head_DV)
 
 
 _KV_CHUNK = 256  # positions per slice of a batch-invariant decoder's attention (`_values`)
@@ -380,7 +350,7 @@ _COMPILED: dict[tuple[Callable, str], Callable] = {}
 
 def compiled(step: Callable, device_type: str) -> Callable:
     """One compiled `step` (`decode_hidden`, ...) per device type, shared by all decoders (graphs keyed by
-    shapes only). The head stays outside the graph: one product, and from 3 rows on a CPU oneDNN's (`_pack`)."""
+    shapes only). The head stays outside the graph: one product, and from 3 rows on a CPU oneDNN's (`onednn.pack`)."""
     if (step, device_type) not in _COMPILED:
         # a CPU step is ~130 tiny kernels: the C++ wrapper calls them without Python in between
         options = {"cpp_wrapper": True} if device_type == "cpu" else None
@@ -408,7 +378,7 @@ class Decoder:
     `batch_invariant` (eager, CPU, fp32): a row's logits are bitwise the same whatever other rows share the
     step and whatever L `step` attends to: every product through oneDNN over weights laid out once (MKL's
     kernels change with the number of rows, and its one for a 7-wide router with a row's place; oneDNN's
-    only at one row with K >= 2048, so one row runs as two, `_mm`), routing on rows padded to 64 (`_route`),
+    only at one row with K >= 2048, so one row runs as two, `onednn.mm`), routing on rows padded to 64 (`_route`),
     the attention's values summed over fixed slices (`_values`); the MoE path follows `batch_size`, once.
     Its cost, seed architecture, one thread, against the plain decoder of each batch size attending to the
     positions in use: see `benchmarks/README.md` (serve).
@@ -422,12 +392,12 @@ class Decoder:
             raise ValueError("a compiled decoder picks its kernels per shape: it cannot be batch-invariant")
         self.compile = compile
         self.dense = dense = dense_experts(cfg, batch_size, compile)
-        # oneDNN's products (`_pack`): the head from 3 rows; the SwiGLUs too outside compiled graphs, which
+        # oneDNN's products (`onednn.pack`): the head from 3 rows; the SwiGLUs too outside compiled graphs, which
         # cannot hold them; every product when batch-invariant
         rows = max(batch_size, 3) if batch_invariant else batch_size
         ffn_rows, attn_rows = (None if compile else rows), (rows if batch_invariant else None)
         with torch.no_grad():
-            head_packed = _pack(model.lm_head.weight, rows)
+            head_packed = onednn.pack(model.lm_head.weight, rows)
             self.weights = DecoderWeights(
                 config=cfg,
                 embed=model.embed_tokens.weight,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from deepseek_lm.model import onednn
 from deepseek_lm.model.decode import (
     _FFN,
     Decoder,
@@ -39,7 +40,6 @@ from deepseek_lm.model.decode import (
     _ffn_weights,
     _head,
     _held,
-    _mm,
     _rms_norm,
     compiled,
     decode_states,
@@ -95,7 +95,9 @@ def draft_states(
     B, T = ids_BT.shape
     eps = w.config.rms_norm_eps
     e_ND = F.embedding(ids_BT.flatten(), w.embed)
-    x = _mm(_rms_norm(e_ND, None, eps), d.w_e) + _mm(_rms_norm(h_BTD.reshape(B * T, -1), None, eps), d.w_h)
+    x = onednn.mm(_rms_norm(e_ND, None, eps), d.w_e) + onednn.mm(
+        _rms_norm(h_BTD.reshape(B * T, -1), None, eps), d.w_h
+    )
     x = decoder_layer(w, d.attn, d.ffn, x, step_positions(w, pos_BT, kv.shape[1], masked), kv)
     return _rms_norm(x, d.norm, eps).view(B, T, -1)
 
@@ -145,7 +147,7 @@ class SpeculativeDecoder(Decoder):
     ) -> None:
         if not model.mtp:
             raise ValueError("speculative decoding needs MTP modules (num_nextn_predict_layers > 0)")
-        # A verification's rows decide which MoE layers run dense and the oneDNN layouts (decode._pack). At
+        # A verification's rows decide which MoE layers run dense and the oneDNN layouts (onednn.pack). At
         # least 3: decode packs from 3 rows, and at 2 oneDNN's products already beat MKL's, whose time grows
         # about linearly with a few rows on a CPU: the demo's (8192, 128) head at 2 rows takes 60 µs in
         # oneDNN, 119 µs in MKL; a (128, 4096) product 37 against 54 µs.

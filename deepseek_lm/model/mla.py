@@ -180,7 +180,7 @@ class MLA(nn.Module):
         q_nope, q_pe = q.view(B, Tq, self.n_heads, -1).split([self.dn, self.dr], dim=-1)  # (B, Tq, H, dn|dr)
         q_pe = apply_rope(q_pe, pos_q.cos, pos_q.sin)  # (B, Tq, H, dr)
         if cache is not None:
-            _write_latent(cache, torch.cat((c_kv, k_pe[:, :, 0]), dim=-1), pos)
+            write_latent(cache, torch.cat((c_kv, k_pe[:, :, 0]), dim=-1), pos)
             if pos.start == 0 and T > 1:  # a prefill from position 0: nothing to read back, and the naive
                 cache = None  # path is cheaper: heads of dn + dr, not r + dr (2k tokens: -17 %)
         if cache is None:
@@ -193,9 +193,10 @@ class MLA(nn.Module):
         """Queries (B, Tq, H, ·) of the last Tq of the T tokens (Tq = T, or 1) over all T keys."""
         B, T, H, Tq = *c_kv.shape[:2], self.n_heads, q_nope.shape[1]
         k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).split([self.dn, self.dv], dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, Tq, dqk)
-        k = torch.cat((k_nope, k_pe.expand(B, T, H, self.dr)), dim=-1).transpose(1, 2)  # (B, H, T, dqk)
-        v = v.transpose(1, 2)  # (B, H, T, dv)
+        # heads first and contiguous, as SDPA's CPU kernel reads them fastest: the cats write that layout
+        q = torch.cat((q_nope.transpose(1, 2), q_pe.transpose(1, 2)), dim=-1)  # (B, H, Tq, dqk)
+        k = torch.cat((k_nope.transpose(1, 2), k_pe.transpose(1, 2).expand(B, H, T, self.dr)), dim=-1)
+        v = v.transpose(1, 2).contiguous()  # (B, H, T, dv)
         if packed_mask is None:  # causal; a last token alone sees every key
             o = F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=self.scale)
         else:
@@ -234,7 +235,7 @@ def _latent_attention(
     return o.transpose(1, 2)[..., :r]
 
 
-def _write_latent(cache: torch.Tensor, new_BTC: torch.Tensor, pos: Positions) -> None:
+def write_latent(cache: torch.Tensor, new_BTC: torch.Tensor, pos: Positions) -> None:
     """Store the new tokens' [c_kv | k_pe] at their absolute positions."""
     if pos.start is not None:
         cache[:, pos.start : pos.start + new_BTC.shape[1]] = new_BTC

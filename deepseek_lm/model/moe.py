@@ -213,7 +213,7 @@ class MoE(nn.Module):
     def _run_experts(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w_TK: torch.Tensor):
         """-> order_A (the kept assignments, by expert), their expert outputs y_AD, counts_E, kept fraction."""
         order_A, counts_E, kept_E = self._sort_assignments(topk_ids_TK, w_TK)
-        y_AD = self.experts(x_TD[order_A // topk_ids_TK.shape[1]], kept_E)
+        y_AD = self.experts(x_TD.index_select(0, order_A // topk_ids_TK.shape[1]), kept_E)
         return order_A, y_AD, counts_E, order_A.numel() / topk_ids_TK.numel()
 
     def _sort_assignments(self, topk_ids_TK: torch.Tensor, w_TK: torch.Tensor):
