@@ -107,9 +107,10 @@ class Prefill:
 
     @staticmethod
     def supports(model: DeepSeekLM) -> bool:
-        """On a CPU, in fp32, in a torch with oneDNN."""
-        w = model.embed_tokens.weight
-        return onednn.pack(w[:8], _PACK_ROWS) is not None
+        """On a CPU, in fp32, in a torch with oneDNN, with every routed expert in this process."""
+        if any(moe.ep is not None for moe in model.moe_layers()):  # expert parallelism: a share of them
+            return False
+        return onednn.pack(model.embed_tokens.weight[:8], _PACK_ROWS) is not None
 
     @torch.no_grad()
     def __call__(
