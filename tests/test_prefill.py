@@ -7,6 +7,7 @@ import torch
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.generate import Engine, SamplingConfig
 from deepseek_lm.model import get_model
+from deepseek_lm.model import prefill as prefill_module
 from deepseek_lm.model.prefill import Prefill, fill
 
 ATOL = 1e-5
@@ -58,11 +59,16 @@ def test_fill_falls_back_to_the_model_where_the_prefill_does_not_apply(tiny_conf
     got = fill(model, Prefill(model), ids, ours, pos)
     want = model(ids, cache=theirs, start_pos=pos, last_logits_only=True, return_hidden=True).hidden[:, -1]
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert ids.numel() < prefill_module.MIN_TOKENS  # too few tokens for it to pay: the model's forward
+    got = fill(model, Prefill(model), ids, ours, 0)
+    want = model(ids, cache=theirs, start_pos=0, last_logits_only=True, return_hidden=True).hidden[:, -1]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_engine_prefills_through_it_with_the_models_greedy_output(tiny_config, monkeypatch):
     torch.manual_seed(0)
     model, greedy = get_model(tiny_config), SamplingConfig(temperature=0.0)
+    monkeypatch.setattr(prefill_module, "MIN_TOKENS", 1)  # these short prompts through it too
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]  # ragged: the columns before the last through it too
     original, prefilled = Prefill.__call__, []
 
