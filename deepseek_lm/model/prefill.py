@@ -10,10 +10,10 @@ its activation fused. The routed outputs are weighted and added back per expert,
 `index_add_` adds them. So the numbers are the model's up to the rounding of the products
 (tests/test_prefill.py holds them to 1e-5); the model's forward stays the reference.
 
-On the seed preset, one thread of the dev VM's EPYC, a 1,984-token prompt: 137 → ~95 ms (the attention's
-SDPA, ~57 ms of it, is the same kernel). Built once per set of weights (the engine keeps it while
-`decode.weights_stamp` is unchanged); used only where `Prefill.supports` the model: on a CPU, in fp32, with
-oneDNN.
+On the seed preset, one thread of the dev VM's EPYC, a 1,984-token prompt: the forward 140-150 → 105-115 ms
+(the attention's SDPA, ~57 ms of it, is the same kernel). Built once per set of weights (the engine keeps it
+while `decode.weights_stamp` is unchanged); `fill` runs it where `Prefill.supports` the model (a CPU, fp32,
+oneDNN) and the prompt has `MIN_TOKENS` or more, else the model's forward.
 
 Legend: B rows, T tokens per row, N = B·T, D hidden, H heads, r kv_lora_rank, dr rope dim, E routed experts,
 K experts per token, A = N·K assignments.
