@@ -6,7 +6,7 @@ import torch
 
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.generate import Engine, SamplingConfig
-from deepseek_lm.model import get_model
+from deepseek_lm.model import get_model, onednn
 from deepseek_lm.model import prefill as prefill_module
 from deepseek_lm.model.prefill import Prefill, fill
 
@@ -81,3 +81,19 @@ def test_engine_prefills_through_it_with_the_models_greedy_output(tiny_config, m
     assert prefilled == [(2, 5)]
     monkeypatch.setattr(Prefill, "supports", staticmethod(lambda model: False))
     assert [c.token_ids for c in Engine(model).generate_ids(prompts, 12, sampling=greedy)] == fast
+
+
+def test_without_working_onednn_ops_the_engine_prefills_through_the_model(tiny_config, monkeypatch):
+    def missing(*args):
+        raise RuntimeError("no such op")
+
+    torch.manual_seed(0)
+    model, greedy, prompt = get_model(tiny_config), SamplingConfig(temperature=0.0), [list(range(1, 200))]
+    want = Engine(model).generate_ids(prompt, 4, sampling=greedy)[0].token_ids
+    monkeypatch.setattr(onednn, "swiglu", missing)
+    onednn.available.cache_clear()
+    try:
+        assert not Prefill.supports(model)
+        assert Engine(model).generate_ids(prompt, 4, sampling=greedy)[0].token_ids == want
+    finally:
+        onednn.available.cache_clear()

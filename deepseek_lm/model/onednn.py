@@ -11,6 +11,8 @@ an elementwise epilogue fused where asked (`swiglu`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -53,3 +55,15 @@ def swiglu(x_NK: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     silu_gate = _linear(x_NK, gate, "swish")
     act = torch.ops.mkldnn._linear_pointwise.binary(x_NK, silu_gate, up, None, "mul")
     return _linear(act, down)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this torch's oneDNN ops run here (packing, the plain product and both fused epilogues), tried
+    once per process on tiny tensors."""
+    try:
+        x, w = torch.ones(4, 8), torch.ones(8, 8)
+        packed = pack(w, 4)
+        return packed is not None and swiglu(x, packed, packed, packed).shape == (4, 8)
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN, or without these ops
+        return False

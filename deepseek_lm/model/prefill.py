@@ -114,7 +114,8 @@ class Prefill:
         """On a CPU, in fp32, in a torch with oneDNN, with every routed expert in this process."""
         if any(moe.ep is not None for moe in model.moe_layers()):  # expert parallelism: a share of them
             return False
-        return onednn.pack(model.embed_tokens.weight[:8], _PACK_ROWS) is not None
+        w = model.embed_tokens.weight
+        return w.device.type == "cpu" and w.dtype == torch.float32 and onednn.available()
 
     @torch.no_grad()
     def __call__(
