@@ -79,7 +79,7 @@ def test_engine_prefills_through_it_with_the_models_greedy_output(tiny_config, m
     monkeypatch.setattr(Prefill, "__call__", counted)
     fast = [c.token_ids for c in Engine(model).generate_ids(prompts, 12, sampling=greedy)]
     assert prefilled == [(2, 5)]
-    monkeypatch.setattr(Prefill, "supports", staticmethod(lambda model: False))
+    monkeypatch.setattr(Prefill, "supports", staticmethod(lambda model, tokens=None: False))
     assert [c.token_ids for c in Engine(model).generate_ids(prompts, 12, sampling=greedy)] == fast
 
 

@@ -320,7 +320,8 @@ class _DecodeState:
             _seen_mask(rows, model.config.vocab_size, device) if sampling.repetition_penalty != 1 else None
         )
         self.decoder = engine.fast_path(Decoder, batch, compile=engine.compile)  # model/decode.py
-        self.fast_prefill = engine.fast_path(Prefill) if Prefill.supports(model) else None  # model/prefill.py
+        fast = Prefill.supports(model, batch * longest)  # built only where it will run: model/prefill.py
+        self.fast_prefill = engine.fast_path(Prefill) if fast else None
         self.logits, self.pos = self._prefill(_right_pad(rows, self.pad, device))
 
     def _next_logits(self, ids: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:

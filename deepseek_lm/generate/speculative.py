@@ -163,7 +163,8 @@ class SpeculativeState(_DecodeState):
         if engine.compile:  # compiled steps are specialised to the cache length: round it so calls share them
             cache_len = -(-cache_len // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
         self.decoder = engine.fast_path(SpeculativeDecoder, B, D + 1, compile=engine.compile)
-        self.fast_prefill = engine.fast_path(Prefill) if Prefill.supports(self.model) else None
+        fast = Prefill.supports(self.model, B * max(self.lengths))  # model/prefill.py
+        self.fast_prefill = engine.fast_path(Prefill) if fast else None
         self.cache = self.model.new_cache(B, cache_len, device=device)
         self.draft_kv = self.decoder.new_draft_cache(cache_len)
         width = max(self.steps, 1) + D + 1  # a round may write D + 1 tokens past the last one needed

@@ -110,8 +110,11 @@ class Prefill:
             self.layers = [_layer(block) for block in model.layers]
 
     @staticmethod
-    def supports(model: DeepSeekLM) -> bool:
-        """On a CPU, in fp32, in a torch with oneDNN, with every routed expert in this process."""
+    def supports(model: DeepSeekLM, tokens: int | None = None) -> bool:
+        """On a CPU, in fp32, in a torch with oneDNN, with every routed expert in this process; and for
+        `tokens` prompt tokens, where given, only from `MIN_TOKENS` (below them it does not pay)."""
+        if tokens is not None and tokens < MIN_TOKENS:
+            return False
         if any(moe.ep is not None for moe in model.moe_layers()):  # expert parallelism: a share of them
             return False
         w = model.embed_tokens.weight
