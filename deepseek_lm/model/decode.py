@@ -128,8 +128,8 @@ def _attention_weights(attn: MLA, norm_w: torch.Tensor, pack_rows: int | None) -
 
 
 def _held(weight_KM: torch.Tensor, pack_rows: int | None) -> torch.Tensor:
-    """A product's (K, M) weight as `onednn.mm` takes it: packed by oneDNN for `pack_rows` rows where `onednn.pack`
-    can, else contiguous."""
+    """A product's (K, M) weight as `onednn.mm` takes it: packed by oneDNN for `pack_rows` rows where
+    `onednn.pack` can, else contiguous."""
     packed = onednn.pack(weight_KM.t(), pack_rows)
     return packed if packed is not None else weight_KM.contiguous()
 
@@ -350,7 +350,8 @@ _COMPILED: dict[tuple[Callable, str], Callable] = {}
 
 def compiled(step: Callable, device_type: str) -> Callable:
     """One compiled `step` (`decode_hidden`, ...) per device type, shared by all decoders (graphs keyed by
-    shapes only). The head stays outside the graph: one product, and from 3 rows on a CPU oneDNN's (`onednn.pack`)."""
+    shapes only). The head stays outside the graph: one product, and from 3 rows on a CPU oneDNN's
+    (`onednn.pack`)."""
     if (step, device_type) not in _COMPILED:
         # a CPU step is ~130 tiny kernels: the C++ wrapper calls them without Python in between
         options = {"cpp_wrapper": True} if device_type == "cpu" else None
@@ -378,8 +379,9 @@ class Decoder:
     `batch_invariant` (eager, CPU, fp32): a row's logits are bitwise the same whatever other rows share the
     step and whatever L `step` attends to: every product through oneDNN over weights laid out once (MKL's
     kernels change with the number of rows, and its one for a 7-wide router with a row's place; oneDNN's
-    only at one row with K >= 2048, so one row runs as two, `onednn.mm`), routing on rows padded to 64 (`_route`),
-    the attention's values summed over fixed slices (`_values`); the MoE path follows `batch_size`, once.
+    only at one row with K >= 2048, so one row runs as two, `onednn.mm`), routing on rows padded to 64
+    (`_route`), the attention's values summed over fixed slices (`_values`); the MoE path follows
+    `batch_size`, once.
     Its cost, seed architecture, one thread, against the plain decoder of each batch size attending to the
     positions in use: see `benchmarks/README.md` (serve).
     """
@@ -392,8 +394,8 @@ class Decoder:
             raise ValueError("a compiled decoder picks its kernels per shape: it cannot be batch-invariant")
         self.compile = compile
         self.dense = dense = dense_experts(cfg, batch_size, compile)
-        # oneDNN's products (`onednn.pack`): the head from 3 rows; the SwiGLUs too outside compiled graphs, which
-        # cannot hold them; every product when batch-invariant
+        # oneDNN's products (`onednn.pack`): the head from 3 rows; the SwiGLUs too outside compiled graphs,
+        # which cannot hold them; every product when batch-invariant
         rows = max(batch_size, 3) if batch_invariant else batch_size
         ffn_rows, attn_rows = (None if compile else rows), (rows if batch_invariant else None)
         with torch.no_grad():
@@ -445,10 +447,10 @@ class Decoder:
 
 
 def weights_stamp(model: torch.nn.Module) -> tuple | None:
-    """What a decoder built from `model` reads: every parameter's and buffer's identity, storage and version
-    counter, which each in-place write bumps (an optimizer step, load_state_dict, copy_ under no_grad; not
-    writes through `.data`). Equal stamps, the same weights. None where a counter cannot be read (tensors
-    made under inference_mode have none): nothing to compare, so build anew."""
+    """What a decoder or a prefill built from `model` reads: every parameter's and buffer's identity,
+    storage and version counter, which each in-place write bumps (an optimizer step, load_state_dict, copy_
+    under no_grad; not writes through `.data`). Equal stamps, the same weights. None where a counter cannot
+    be read (tensors made under inference_mode have none): nothing to compare, so build anew."""
     try:
         return tuple((id(t), t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
     except RuntimeError:  # "Inference tensors do not track version counter"

@@ -169,7 +169,8 @@ def _block(layer: _Layer, cfg, x_BTD: torch.Tensor, pos, kv: torch.Tensor, last_
 def _attention(
     layer: _Layer, cfg, h_BTD: torch.Tensor, pos, kv: torch.Tensor, last_only: bool
 ) -> torch.Tensor:
-    """`MLA.forward` on the normed h (B, T, D) -> (B, T or 1, D); writes the latents into kv (B, S, r + dr)."""
+    """`MLA.forward` on the normed h (B, T, D) -> (B, T or 1, D); writes the latents into kv
+    (B, S, r + dr)."""
     a, (B, T, D) = layer.mla, h_BTD.shape
     r, dr, H = a.kv_lora_rank, a.dr, a.n_heads
     y = onednn.mm(h_BTD.reshape(B * T, D), layer.w_in).view(B, T, -1)
