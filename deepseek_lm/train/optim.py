@@ -185,10 +185,7 @@ class ExpertMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -208,6 +205,14 @@ class ExpertMuon(torch.optim.Optimizer):
         lr = group["lr"]
         param.mul_(1 - lr * group["weight_decay"])
         param.add_(ortho.reshape(E, M, N), alpha=-adjusted_lr(lr, group["adjust_lr_fn"], M // blocks, N))
+
+
+def _evaluate(closure):
+    """torch.optim's `step(closure)` contract: the closure re-evaluates the loss, with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -237,10 +242,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for part in self.parts:
             part.step()
         return loss
