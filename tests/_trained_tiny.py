@@ -27,6 +27,13 @@ def trained_tiny_run(root: Path) -> Path:
     return root / "run"
 
 
+def trained_tiny_checkpoint(tmp_path_factory):
+    """That run's checkpoint, loaded: a model of its own per call (tests change engines' settings)."""
+    from deepseek_lm.checkpoint import load_checkpoint
+
+    return load_checkpoint(trained_tiny_run(tmp_path_factory.getbasetemp() / "tiny_run"))
+
+
 # prompts of different lengths and kinds for the batching tests: a batch mixes rows that join, finish and
 # attend to different lengths
 PROMPTS = [

@@ -6,9 +6,8 @@ import time
 
 import pytest
 import torch
-from _trained_tiny import PROMPTS, trained_tiny_run
+from _trained_tiny import PROMPTS, trained_tiny_checkpoint
 
-from deepseek_lm.checkpoint import load_checkpoint
 from deepseek_lm.errors import UserError
 from deepseek_lm.generate import Engine, SamplingConfig
 from deepseek_lm.generate.batching import BatchEngine, Params, QueueFullError
@@ -18,7 +17,7 @@ GREEDY = SamplingConfig(temperature=0)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return load_checkpoint(trained_tiny_run(tmp_path_factory.getbasetemp() / "tiny_run"))
+    return trained_tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture

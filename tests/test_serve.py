@@ -9,17 +9,15 @@ import time
 import httpx
 import openai
 import pytest
-from _trained_tiny import trained_tiny_run
+from _trained_tiny import trained_tiny_checkpoint
 from serve_helpers import LiveServer, metric
-
-from deepseek_lm.checkpoint import load_checkpoint
 
 KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return load_checkpoint(trained_tiny_run(tmp_path_factory.getbasetemp() / "tiny_run"))
+    return trained_tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,8 @@ import shutil
 import time
 
 import pytest
-from _trained_tiny import trained_tiny_run
+from _trained_tiny import trained_tiny_checkpoint
 from serve_helpers import LiveServer
-
-from deepseek_lm.checkpoint import load_checkpoint
 
 
 def _chromium() -> str:
@@ -38,7 +36,7 @@ def browser():
 
 @pytest.fixture
 def server(tmp_path_factory, monkeypatch):
-    checkpoint = load_checkpoint(trained_tiny_run(tmp_path_factory.getbasetemp() / "tiny_run"))
+    checkpoint = trained_tiny_checkpoint(tmp_path_factory)
     live = LiveServer(checkpoint, max_batch_size=2)
     live.engine.eos_token_id = None  # streams run to max_tokens unless stopped
     step = live.engine.decoder.step  # ~30 tokens/s, so that text visibly streams and Stop lands mid-answer
@@ -94,7 +92,7 @@ def test_type_a_prompt_see_it_stream_and_stop_it(browser, server, tmp_path):
 def test_a_speculative_server_shows_the_acceptance_under_each_answer(browser, tmp_path_factory):
     from deepseek_lm.generate.speculative_batching import SpeculativeBatchEngine
 
-    checkpoint = load_checkpoint(trained_tiny_run(tmp_path_factory.getbasetemp() / "tiny_run"))
+    checkpoint = trained_tiny_checkpoint(tmp_path_factory)
     live = LiveServer(checkpoint, engine_type=SpeculativeBatchEngine, draft_tokens=2, max_batch_size=2)
     live.engine.eos_token_id = None  # 24 tokens: several rounds
     try:

@@ -5,10 +5,10 @@ import threading
 
 import httpx
 import pytest
-from _trained_tiny import trained_tiny_run
+from _trained_tiny import trained_tiny_checkpoint
 from serve_helpers import LiveServer, metric
 
-from deepseek_lm.checkpoint import load_checkpoint, save_model_dir
+from deepseek_lm.checkpoint import save_model_dir
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.errors import UserError
 from deepseek_lm.generate.speculative_batching import SpeculativeBatchEngine
@@ -17,7 +17,7 @@ from deepseek_lm.model import get_model
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    checkpoint = load_checkpoint(trained_tiny_run(tmp_path_factory.getbasetemp() / "tiny_run"))
+    checkpoint = trained_tiny_checkpoint(tmp_path_factory)
     plain = LiveServer(checkpoint, max_batch_size=4)
     fast = LiveServer(checkpoint, engine_type=SpeculativeBatchEngine, draft_tokens=2, max_batch_size=4)
     yield plain, fast

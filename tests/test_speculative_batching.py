@@ -7,9 +7,8 @@ import time
 
 import pytest
 import torch
-from _trained_tiny import PROMPTS, trained_tiny_run
+from _trained_tiny import PROMPTS, trained_tiny_checkpoint
 
-from deepseek_lm.checkpoint import load_checkpoint
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.errors import UserError
 from deepseek_lm.generate import Engine, SamplingConfig
@@ -25,7 +24,7 @@ SAMPLED = SamplingConfig(temperature=1.0, top_k=None)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return load_checkpoint(trained_tiny_run(tmp_path_factory.getbasetemp() / "tiny_run"))
+    return trained_tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture
