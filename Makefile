@@ -29,7 +29,16 @@ ifeq ($(CHROMIUM),)
 	else echo "no apt-get: install chromium yourself for the browser test (it is skipped without it, outside CI)"; fi
 endif
 
-test: setup browser
+# llama.cpp for the GGUF parity tests (tests/test_gguf_llama_cpp.py): llama-cpp-python built from source for
+# this CPU. The first build takes minutes (see README); pip keeps the wheel, so later set-ups take seconds.
+# Only `make test` waits for it: `make train` and `export --format gguf` need none of it.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
+$(LLAMA_CPP_STAMP): $(STAMP)
+	$(PY) -m pip install -q $(LLAMA_CPP_PYTHON)
+	touch $(LLAMA_CPP_STAMP)
+
+test: setup browser $(LLAMA_CPP_STAMP)
 	$(PY) -m pytest -q
 
 # the built-in demo: prepare the built-in corpus (once), train the seed architecture for ~7 minutes on

@@ -1,4 +1,4 @@
-"""`deepseek-lm export` and `deepseek-lm import`: thin entry points over `deepseek_lm.interop.hf`."""
+"""`deepseek-lm export` and `deepseek-lm import`: thin entry points over `deepseek_lm.interop` (hf.py, gguf.py)."""
 
 from __future__ import annotations
 
@@ -8,38 +8,47 @@ from typing import Literal
 from jsonargparse import ArgumentParser
 
 from deepseek_lm.cli import parse_args
+from deepseek_lm.errors import UserError
+
+# --dtype in either spelling; each format names its types its own way
+HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+GGUF_DTYPES = {v: k for k, v in HF_DTYPES.items()}
 
 
 @dataclass
 class ExportArgs:
     """Export a checkpoint as a Hugging Face DeepseekV3 (or, for exact softmax routing, DeepseekV2) directory
-    that `AutoModelForCausalLM` and `AutoTokenizer` load without remote code.
+    that `AutoModelForCausalLM` and `AutoTokenizer` load without remote code, or as a GGUF file for
+    llama.cpp's deepseek2 architecture (llama-cli, llama-server, ollama, LM Studio, llama-cpp-python).
 
     Args:
         checkpoint: A checkpoint directory, or a run directory (its best checkpoint, else the latest).
-        out: The directory to write (replaced only if it holds an earlier export).
+        out: The directory (hf) or .gguf file (gguf) to write; an earlier export there is replaced.
         format: The output format.
-        dtype: Weight dtype of the export; float32 is exact, the router stays float32 either way.
+        dtype: Weight type: float32/f32 is exact; float16/f16, bfloat16/bf16; q8_0 (gguf only: 8-bit blocks).
+            The router stays float32 either way.
     """
 
     checkpoint: str
     out: str
-    format: Literal["hf"] = "hf"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    format: Literal["hf", "gguf"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16", "f32", "bf16", "f16", "q8_0"] = "float32"
 
 
 @dataclass
 class ImportArgs:
     """Import a Hugging Face DeepseekV3/DeepseekV2 directory (an export, or what transformers'
-    `save_pretrained` writes) as a deepseek-lm checkpoint.
+    `save_pretrained` writes), or a deepseek2 GGUF file, as a deepseek-lm checkpoint.
 
     Args:
-        hf: The Hugging Face model directory: config.json and model.safetensors, or its shards and their index.
         out: The checkpoint directory to write.
+        hf: A Hugging Face model directory: config.json and model.safetensors, or its shards and their index.
+        gguf: A deepseek2 GGUF file (f32, f16, bf16 or q8_0 tensors).
     """
 
-    hf: str
     out: str
+    hf: str | None = None
+    gguf: str | None = None
 
 
 def _parse(prog: str, cls: type, argv: list[str]) -> dict:
@@ -51,24 +60,42 @@ def _parse(prog: str, cls: type, argv: list[str]) -> dict:
 
 
 def main_export(argv: list[str]) -> int:
-    from deepseek_lm.interop.hf import export_hf
-
     args = ExportArgs(**_parse("export", ExportArgs, argv))
-    report = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+    if args.format == "gguf":
+        from deepseek_lm.interop.gguf import export_gguf
+
+        dtype = GGUF_DTYPES.get(args.dtype, args.dtype)
+        report = export_gguf(args.checkpoint, args.out, dtype=dtype)
+    else:
+        from deepseek_lm.interop.hf import export_hf
+
+        if args.dtype == "q8_0":
+            raise UserError(
+                "--dtype q8_0 is for --format gguf; the hf format takes float32, bfloat16, float16"
+            )
+        dtype = HF_DTYPES.get(args.dtype, args.dtype)
+        report = export_hf(args.checkpoint, args.out, dtype=dtype)
     for note in report.notes:
         print(f"note: {note}")
-    print(f"exported {args.checkpoint} to {report.path} ({report.model_type}, {args.dtype})")
+    print(f"exported {args.checkpoint} to {report.path} ({report.model_type}, {dtype})")
     return 0
 
 
 def main_import(argv: list[str]) -> int:
-    from deepseek_lm.interop.hf import import_hf
-
     args = ImportArgs(**_parse("import", ImportArgs, argv))
-    report = import_hf(args.hf, args.out)
+    if (args.hf is None) == (args.gguf is None):
+        raise UserError("give exactly one of --hf DIR and --gguf FILE; see `deepseek-lm import --help`")
+    if args.gguf is not None:
+        from deepseek_lm.interop.gguf import import_gguf
+
+        source, report = args.gguf, import_gguf(args.gguf, args.out)
+    else:
+        from deepseek_lm.interop.hf import import_hf
+
+        source, report = args.hf, import_hf(args.hf, args.out)
     for note in report.notes:
         print(f"note: {note}")
-    print(f"imported {args.hf} ({report.model_type}) to {report.path}")
+    print(f"imported {source} ({report.model_type}) to {report.path}")
     return 0
 
 

@@ -12,9 +12,8 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from deepseek_lm.checkpoint import (
     write_safetensors,
 )
 from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.interop.common import InteropReport, end_of_turn_ids, refuse_overwrite, with_special_ids
 from deepseek_lm.interop.hf_config import HF_MODEL_TYPES, InteropError, from_hf_config, to_hf_config
 from deepseek_lm.interop.hf_weights import (
     expected_hf_shapes,
@@ -42,13 +42,6 @@ from deepseek_lm.interop.hf_weights import (
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class InteropReport:
-    path: Path  # the directory written
-    model_type: str  # deepseek_v3 | deepseek_v2 (export: written; import: read)
-    notes: list[str] = field(default_factory=list)  # things the user should know, one line each
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,17 +57,20 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32"
     if dtype not in DTYPES:
         raise InteropError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     ckpt = load_checkpoint(checkpoint)
-    config, notes = _with_special_ids(ckpt.config, ckpt.tokenizer), []
+    config, notes = with_special_ids(ckpt.config, ckpt.tokenizer), []
     hf_config = to_hf_config(config, dtype)
     model_type = hf_config["model_type"]
     tensors = to_hf_state_dict(ckpt.model.state_dict(), config, model_type, DTYPES[dtype])
     _check_tensors(tensors, expected_hf_shapes(config, model_type), f"export of {ckpt.path}")
     out = Path(out)
-    _refuse_overwrite(out, ckpt.path, looks_ours=_is_hf_export)
+    refuse_overwrite(out, ckpt.path, looks_ours=_is_hf_export)
     with _atomic_dir(out) as tmp:
         write_safetensors(tensors, tmp / WEIGHTS_FILE)
         _write_json(tmp / CONFIG_FILE, hf_config)
-        _write_json(tmp / "generation_config.json", _generation_config(config, _end_of_turn_ids(ckpt)))
+        _write_json(
+            tmp / "generation_config.json",
+            _generation_config(config, end_of_turn_ids(ckpt.tokenizer, ckpt.chat_template)),
+        )
         if ckpt.tokenizer is not None:
             write_tokenizer_files(ckpt.tokenizer, tmp, config, ckpt.chat_template)
         else:
@@ -82,32 +78,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32"
     return InteropReport(out, model_type, notes)
 
 
-def _with_special_ids(config: DeepSeekConfig, tokenizer: Any) -> DeepSeekConfig:
-    """The config with the special ids our generation uses: the config's own, else the tokenizer's
-    (exactly as `deepseek_lm.generate.Engine` picks them), so transformers stops and pads the same way."""
-    if tokenizer is None or (config.eos_token_id is not None and config.pad_token_id is not None):
-        return config
-    from deepseek_lm.data.tokenizer import special_token_ids
-
-    special = special_token_ids(tokenizer)
-    eos = config.eos_token_id if config.eos_token_id is not None else special["eot"]
-    pad = config.pad_token_id if config.pad_token_id is not None else special["pad"]
-    return DeepSeekConfig.from_dict({**config.to_dict(), "eos_token_id": eos, "pad_token_id": pad})
-
-
 def _generation_config(config: DeepSeekConfig, end_of_turn: tuple[int, ...] = ()) -> dict[str, Any]:
     # transformers' generate stops at any id of a list: a chat model's replies end with its end of turn
     eos = [config.eos_token_id, *end_of_turn] if end_of_turn else config.eos_token_id
     return {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}
-
-
-def _end_of_turn_ids(ckpt: Any) -> tuple[int, ...]:
-    """The tokens that end a reply under the checkpoint's chat format (none under the plain one)."""
-    if ckpt.tokenizer is None:
-        return ()
-    from deepseek_lm.data.chat import ChatFormat
-
-    return ChatFormat.for_tokenizer(ckpt.tokenizer, ckpt.chat_template).stop_token_ids
 
 
 def write_tokenizer_files(
@@ -150,7 +124,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> InteropReport:
     """Read a transformers DeepseekV3/V2 directory (ours or `save_pretrained`'s) into a checkpoint at `out`."""
     hf_dir, out = Path(hf_dir), Path(out)
     raw = _read_hf_config(hf_dir)
-    _refuse_overwrite(out, hf_dir, looks_ours=is_checkpoint_dir)
+    refuse_overwrite(out, hf_dir, looks_ours=is_checkpoint_dir)
     config = from_hf_config(raw, str(hf_dir / CONFIG_FILE))
     weights = read_hf_weights(hf_dir)
     config, notes = _present_mtp_layers(config, weights, hf_dir)
@@ -277,16 +251,6 @@ def _is_hf_export(path: Path) -> bool:
         return json.loads((path / CONFIG_FILE).read_text()).get("model_type") in HF_MODEL_TYPES
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _refuse_overwrite(out: Path, source: Path, looks_ours: Callable[[Path], bool]) -> None:
-    """Never replace the input, nor a non-empty directory that is not an earlier output of the same kind."""
-    if out.resolve() == source.resolve():
-        raise InteropError(f"--out {out} is the input directory; choose another")
-    if out.is_dir() and any(out.iterdir()) and not looks_ours(out):
-        raise InteropError(f"--out {out} exists and is not empty; choose a new directory")
-    if out.exists() and not out.is_dir():
-        raise InteropError(f"--out {out} exists and is not a directory")
 
 
 @contextmanager
