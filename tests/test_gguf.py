@@ -48,8 +48,8 @@ def one_line_error(capsys, *argv: str) -> str:
     return lines[0]
 
 
-def variant(path: Path, **overrides) -> Path:
-    """An untrained tiny checkpoint (no tokenizer) with nonzero router biases and norms."""
+def variant(path: Path, tokenizer=None, **overrides) -> Path:
+    """An untrained tiny checkpoint with nonzero router biases and norms."""
     model = get_model(DeepSeekConfig.from_preset("tiny", **overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,7 +58,7 @@ def variant(path: Path, **overrides) -> Path:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.1, 0.1)
-    return save_model_dir(path, model.eval())
+    return save_model_dir(path, model.eval(), tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,10 +176,11 @@ def test_export_replaces_only_an_earlier_gguf_and_leaves_nothing_half_written(
         ({"scoring_func": "softmax", "n_group": 2, "topk_group": 1, "norm_topk_prob": False}, "topk_group"),
         ({"n_shared_experts": 0}, "n_shared_experts"),
         ({"rope_scaling": {"factor": 4.0, "original_max_position_embeddings": 64}}, "mscale"),
+        ({}, "no tokenizer.json"),  # llama.cpp loads no GGUF without a vocabulary
     ],
 )
-def test_unrepresentable_model_is_refused_in_one_line(tmp_path, capsys, overrides, words):
-    ckpt = variant(tmp_path / "ckpt", **overrides)
+def test_unrepresentable_model_is_refused_in_one_line(trained, tmp_path, capsys, overrides, words):
+    ckpt = variant(tmp_path / "ckpt", trained.tokenizer if overrides else None, **overrides)
     out = tmp_path / "x.gguf"
     line = one_line_error(capsys, "export", "--checkpoint", str(ckpt), "--format", "gguf", "--out", str(out))
     assert line.startswith("deepseek-lm export: error:") and words in line

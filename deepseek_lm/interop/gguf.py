@@ -53,6 +53,11 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, dtype: str = "f32"
     out = Path(out_path)
     _refuse_gguf_overwrite(out)
     ckpt = load_checkpoint(checkpoint)
+    if ckpt.tokenizer is None:
+        raise InteropError(
+            f"{ckpt.path} has no tokenizer.json, and llama.cpp loads no GGUF without a vocabulary: copy the "
+            "tokenizer.json the model was trained with into it"
+        )
     config, notes = with_special_ids(ckpt.config, ckpt.tokenizer), []
     check_exportable(config)
     mtp = min(config.num_nextn_predict_layers, LLAMA_CPP_MTP_MODULES)
@@ -61,11 +66,9 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, dtype: str = "f32"
             f"{ckpt.path} has {config.num_nextn_predict_layers} MTP modules; llama.cpp's deepseek2 runs one, "
             f"so the file holds the first"
         )
-    metadata = config_metadata(config, mtp) + _file_metadata(ckpt.path, dtype)
-    if ckpt.tokenizer is not None:
-        metadata += _tokenizer_metadata(ckpt, config)
-    else:
-        notes.append(f"{ckpt.path} has no tokenizer.json: the GGUF has no vocabulary (llama.cpp needs one)")
+    metadata = (
+        config_metadata(config, mtp) + _file_metadata(ckpt.path, dtype) + _tokenizer_metadata(ckpt, config)
+    )
     tensors = to_gguf_tensors(ckpt.model.state_dict(), config, mtp)
     _write_atomically(out, metadata, tensors, dtype)
     return InteropReport(out, ARCH, notes)
