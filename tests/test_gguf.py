@@ -208,6 +208,10 @@ def test_cli_export_import(trained, tmp_path, capsys):
         capsys, "export", "--checkpoint", str(trained.path), "--out", str(tmp_path / "hf"), "--dtype", "q8_0"
     )
     assert "exactly one of --hf" in one_line_error(capsys, "import", "--out", str(tmp_path / "c2"))
+    assert "--format hf" in one_line_error(
+        capsys, "export", "--checkpoint", str(trained.path), "--format", "gguf", "--out", str(out),
+        "--pad-heads-for-vllm",
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -697,3 +697,23 @@ def test_outputs_never_overwrite_unrelated_directories(trained_ckpt, trained_exp
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     again = export_hf(trained_ckpt, tmp_path / "again").path
     assert export_hf(trained_ckpt, again).path == again  # an earlier export is replaced
+
+
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [("seed", dict(num_nextn_predict_layers=1)), ("tiny", dict(q_lora_rank=0)), ("tiny", {})],
+    ids=["seed-mtp", "tiny-no-q-lora", "tiny"],
+)
+def test_heads_padded_for_vllm_compute_the_same_in_transformers(preset, overrides, tmp_path):
+    """--pad-heads-for-vllm: q/k heads of qk_head_dim · 4^k ≥ 32 (16 -> 64, 24 -> 96), v heads as wide, the
+    queries scaled by 2^k; transformers' logits on the padded export equal ours on the original."""
+    model = get_model(DeepSeekConfig.from_preset(preset, vocab_size=320, **overrides))
+    randomise(model)
+    ckpt = save_model_dir(tmp_path / "ckpt", model.eval(), train_tiny_bpe())
+    out = export_hf(ckpt, tmp_path / "hf", pad_heads=True).path
+    hf = json.loads((out / "config.json").read_text())
+    qk = model.config.qk_head_dim * (4 if model.config.qk_head_dim >= 8 else 16)
+    assert hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"] == hf["v_head_dim"] == qk >= 32
+    assert_same_logits(load_checkpoint(ckpt).model, load_hf(out), 320, seq=40)
+    back = load_checkpoint(import_hf(out, tmp_path / "back").path).model  # the padded model is ours too
+    assert_same_logits(back, load_hf(out), 320)

@@ -27,12 +27,15 @@ class ExportArgs:
         format: The output format.
         dtype: Weight type: float32/f32 is exact; float16/f16, bfloat16/bf16; q8_0 (gguf only: 8-bit blocks).
             The router stays float32 either way.
+        pad_heads_for_vllm: (hf only) Zero-pad the attention heads to sizes vLLM's CPU kernels take (q/k heads
+            of 32 or more, queries scaled to keep the softmax scale): the same model, larger heads.
     """
 
     checkpoint: str
     out: str
     format: Literal["hf", "gguf"] = "hf"
     dtype: Literal["float32", "bfloat16", "float16", "f32", "bf16", "f16", "q8_0"] = "float32"
+    pad_heads_for_vllm: bool = False
 
 
 @dataclass
@@ -51,18 +54,31 @@ class ImportArgs:
     gguf: str | None = None
 
 
-def _parse(prog: str, cls: type, argv: list[str]) -> dict:
+def _parse(prog: str, cls: type, argv: list[str], switches: tuple[str, ...] = ()) -> dict:
+    """`cls`'s fields as options; the boolean fields in `switches` as bare flags (`--pad-heads-for-vllm`)."""
     parser = ArgumentParser(
         prog=f"deepseek-lm {prog}", description=cls.__doc__.split("\n\n")[0], exit_on_error=False
     )
-    parser.add_class_arguments(cls, as_group=False)
+    parser.add_class_arguments(cls, as_group=False, skip=set(switches))
+    for name in switches:
+        parser.add_argument(
+            "--" + name.replace("_", "-"), action="store_true", dest=name, help=_help(cls, name)
+        )
     return parse_args(parser, argv).as_dict()
 
 
+def _help(cls: type, field: str) -> str:
+    """The field's description in the class docstring's Args section (up to the next blank line)."""
+    return " ".join(cls.__doc__.split(f"{field}:", 1)[1].split("\n\n")[0].split())
+
+
 def main_export(argv: list[str]) -> int:
-    args = ExportArgs(**_parse("export", ExportArgs, argv))
+    args = ExportArgs(**_parse("export", ExportArgs, argv, switches=("pad_heads_for_vllm",)))
     if args.format == "gguf":
         from deepseek_lm.interop.gguf import export_gguf
+
+        if args.pad_heads_for_vllm:
+            raise UserError("--pad-heads-for-vllm is for --format hf (vLLM reads the Hugging Face export)")
 
         dtype = GGUF_DTYPES.get(args.dtype, args.dtype)
         report = export_gguf(args.checkpoint, args.out, dtype=dtype)
@@ -74,7 +90,7 @@ def main_export(argv: list[str]) -> int:
                 "--dtype q8_0 is for --format gguf; the hf format takes float32, bfloat16, float16"
             )
         dtype = HF_DTYPES.get(args.dtype, args.dtype)
-        report = export_hf(args.checkpoint, args.out, dtype=dtype)
+        report = export_hf(args.checkpoint, args.out, dtype=dtype, pad_heads=args.pad_heads_for_vllm)
     for note in report.notes:
         print(f"note: {note}")
     print(f"exported {args.checkpoint} to {report.path} ({report.model_type}, {dtype})")

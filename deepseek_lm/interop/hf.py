@@ -31,6 +31,7 @@ from deepseek_lm.checkpoint import (
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.interop.common import InteropReport, end_of_turn_ids, refuse_overwrite, with_special_ids
 from deepseek_lm.interop.hf_config import HF_MODEL_TYPES, InteropError, from_hf_config, to_hf_config
+from deepseek_lm.interop.hf_padding import pad_attention_heads
 from deepseek_lm.interop.hf_weights import (
     expected_hf_shapes,
     from_hf_state_dict,
@@ -48,19 +49,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # export
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32") -> InteropReport:
+def export_hf(
+    checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", pad_heads: bool = False
+) -> InteropReport:
     """Write checkpoint (or a run directory's best, else latest) as a transformers DeepseekV3/V2 directory.
 
     `dtype` casts the weights (the router stays fp32, as transformers keeps it); float32 is exact.
-    Refuses, with the setting named, a model that no transformers class computes exactly.
+    `pad_heads`: attention heads zero-padded to the sizes vLLM's CPU kernels take, computing the same
+    function (hf_padding.py). Refuses, with the setting named, a model that no transformers class computes
+    exactly.
     """
     if dtype not in DTYPES:
         raise InteropError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     ckpt = load_checkpoint(checkpoint)
     config, notes = with_special_ids(ckpt.config, ckpt.tokenizer), []
+    state = ckpt.model.state_dict()
+    if pad_heads:
+        config, state = pad_attention_heads(config, state)
     hf_config = to_hf_config(config, dtype)
     model_type = hf_config["model_type"]
-    tensors = to_hf_state_dict(ckpt.model.state_dict(), config, model_type, DTYPES[dtype])
+    tensors = to_hf_state_dict(state, config, model_type, DTYPES[dtype])
     _check_tensors(tensors, expected_hf_shapes(config, model_type), f"export of {ckpt.path}")
     out = Path(out)
     refuse_overwrite(out, ckpt.path, looks_ours=_is_hf_export)
