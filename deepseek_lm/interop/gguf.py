@@ -92,10 +92,13 @@ def _tokenizer_metadata(ckpt: Any, config: DeepSeekConfig) -> list[tuple[str, An
     from gguf import GGUFValueType, Keys
 
     from deepseek_lm.data.chat import ChatFormat
+    from deepseek_lm.data.tokenizer import special_token_ids
 
     end_of_turn = end_of_turn_ids(ckpt.tokenizer, ckpt.chat_template)
+    # bos as our chat templates see it (ChatFormat's `bos_token`); llama.cpp never adds it to a text
+    bos = config.bos_token_id if config.bos_token_id is not None else special_token_ids(ckpt.tokenizer)["bos"]
     special = SpecialIds(
-        config.eos_token_id, config.pad_token_id, config.bos_token_id, end_of_turn[0] if end_of_turn else None
+        config.eos_token_id, config.pad_token_id, bos, end_of_turn[0] if end_of_turn else None
     )
     vocab = vocab_for_export(ckpt.tokenizer, config.vocab_size, special)
     template = ChatFormat.for_tokenizer(ckpt.tokenizer, ckpt.chat_template).template

@@ -41,8 +41,6 @@ class SpecialIds:
     pad: int | None = None
     bos: int | None = None
     eot: int | None = None  # end of turn (a chat model's <|end|>): llama.cpp stops there too
-    add_bos: bool = False  # whether encoding a text puts bos first (the tokenizer's post-processor)
-    add_eos: bool = False
 
 
 @dataclass
@@ -58,7 +56,9 @@ class GGUFVocab:
         meta = [
             (T.MODEL, "gpt2", STRING), (T.PRE, self.pre, STRING), (T.LIST, self.tokens, ARRAY),
             (T.TOKEN_TYPE, self.types, ARRAY), (T.MERGES, self.merges, ARRAY),
-            (T.ADD_BOS, s.add_bos, BOOL), (T.ADD_EOS, s.add_eos, BOOL),
+            # deepseek-lm encodes every text without a post-processor's bos/eos (prepare, generate, chat):
+            # the model never saw them, so llama.cpp adds none either
+            (T.ADD_BOS, False, BOOL), (T.ADD_EOS, False, BOOL),
         ]  # fmt: skip
         ids = {T.EOS_ID: s.eos, T.PAD_ID: s.pad, T.BOS_ID: s.bos, T.EOT_ID: s.eot}
         return meta + [(k, v, U32) for k, v in ids.items() if v is not None]
@@ -90,8 +90,6 @@ def vocab_for_export(tokenizer: Any, vocab_size: int, special: SpecialIds) -> GG
         tokens.append(text if text is not None else UNUSED_TOKEN.format(i))
         types.append(_token_type(text, added.get(i)))
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    add_bos, add_eos = _added_on_encode(tokenizer, special)
-    special = SpecialIds(special.eos, special.pad, special.bos, special.eot, add_bos, add_eos)
     return GGUFVocab(tokens, types, merges, pre, special)
 
 
@@ -153,21 +151,6 @@ def _check_bpe(spec: dict[str, Any]) -> None:
             )
 
 
-def _added_on_encode(tokenizer: Any, special: SpecialIds) -> tuple[bool, bool]:
-    """Whether encoding a text adds bos first / eos last (a post-processor's template), which llama.cpp
-    repeats from `add_bos_token` / `add_eos_token`; anything else it cannot repeat."""
-    bare = tokenizer.encode("a", add_special_tokens=False).ids
-    full = tokenizer.encode("a", add_special_tokens=True).ids
-    add_bos = special.bos is not None and full[:1] == [special.bos] and full[1:] != bare
-    add_eos = special.eos is not None and full[-1:] == [special.eos] and full[add_bos:-1] == bare
-    if full[add_bos : len(full) - add_eos] != bare:
-        raise InteropError(
-            f"the tokenizer's post-processor adds tokens {full} around a text ({bare}) other than a bos "
-            "before and an eos after: llama.cpp cannot repeat that"
-        )
-    return add_bos, add_eos
-
-
 # ---------------------------------------------------------------------------------------------------------
 # import
 
@@ -183,14 +166,14 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> tuple[Any, lis
             "checkpoint has no tokenizer (give `prepare --tokenizer` the model's tokenizer.json)"
         ]
     tokens, types = list(meta[T.LIST]), list(meta.get(T.TOKEN_TYPE, [TokenType.NORMAL] * len(meta[T.LIST])))
-    return _build_tokenizer(tokens, types, list(meta.get(T.MERGES, [])), pre, meta), []
+    return _build_tokenizer(tokens, types, list(meta.get(T.MERGES, [])), pre), []
 
 
-def _build_tokenizer(tokens: list[str], types: list[int], merges: list[str], pre: str, meta: dict) -> Any:
+def _build_tokenizer(tokens: list[str], types: list[int], merges: list[str], pre: str) -> Any:
     """BPE over the tokens up to the last NORMAL one (added tokens among them keep their ids, as a trained
     BPE's special tokens do), then the CONTROL / USER_DEFINED tokens after it, added in id order; the UNUSED
     placeholders at the end are dropped."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     core = max(i for i, t in enumerate(types) if t == TokenType.NORMAL) + 1
     vocab = {text: i for i, text in enumerate(tokens[:core])}
@@ -203,7 +186,7 @@ def _build_tokenizer(tokens: list[str], types: list[int], merges: list[str], pre
                 break  # a gap of placeholders: the tokens after it would get other ids
             added = AddedToken(text, special=kind == TokenType.CONTROL, normalized=False)
             (tok.add_special_tokens if kind == TokenType.CONTROL else tok.add_tokens)([added])
-    tok.post_processor = _post_processor(tok, meta)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only, as prepare's BPE
     return tok
 
 
@@ -217,17 +200,3 @@ def _pre_tokenizer(name: str) -> Any:
         for s in PRE_TOKENIZERS[name]
     ]
     return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
-
-
-def _post_processor(tok: Any, meta: dict[str, Any]) -> Any:
-    """ByteLevel's (offsets only), or a template that puts bos / eos around a text as the file says."""
-    from tokenizers import processors
-
-    T = Keys.Tokenizer
-    bos = tok.id_to_token(meta[T.BOS_ID]) if meta.get(T.ADD_BOS) and T.BOS_ID in meta else None
-    eos = tok.id_to_token(meta[T.EOS_ID]) if meta.get(T.ADD_EOS) and T.EOS_ID in meta else None
-    if bos is None and eos is None:
-        return processors.ByteLevel(trim_offsets=False)
-    template = " ".join(t for t in (bos and f"{bos}:0", "$A:0", eos and f"{eos}:0") if t)
-    used = [(t, tok.token_to_id(t)) for t in (bos, eos) if t]
-    return processors.TemplateProcessing(single=template, special_tokens=used)
