@@ -26,6 +26,7 @@ from deepseek_lm.data.tokenizer import train_bpe
 from deepseek_lm.generate import Engine, SamplingConfig
 from deepseek_lm.interop import export_gguf
 from deepseek_lm.model import get_model
+from deepseek_lm.model.mla import make_positions
 
 if os.environ.get("CI", "").lower() in ("1", "true"):
     import llama_cpp  # CI must run these: `make test` installs it
@@ -144,10 +145,66 @@ def test_greedy_ids_equal_ours_for_64_tokens(trained, files):
         assert llama_greedy(llm, ids, 64) == ours, prompt
 
 
-def test_mtp_block_loads(files, trained):
-    llm = llama(files["f32"])
-    assert llama_cpp.llama_model_n_layer_nextn(llm.model) == trained.config.num_nextn_predict_layers == 1
-    assert llama_cpp.llama_model_n_layer(llm.model) == trained.config.num_hidden_layers  # the trunk
+def _context(model, mtp: bool):
+    """A raw llama.cpp context: the target's returns the final-normed hidden states (its embeddings), the
+    MTP one runs the nextn block (llama-server's `--spec-type draft-mtp` makes the same pair)."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = 256
+    params.n_threads = params.n_threads_batch = 1
+    params.type_k = params.type_v = GGML_TYPE_F32
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.embeddings = not mtp
+    if mtp:
+        params.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
+    return llama_cpp.llama_init_from_model(model, params)
+
+
+def _decode(ctx, tokens: list[int], states: np.ndarray | None = None) -> None:
+    """One batch at positions 0..n-1, every position an output; `states` (n, D): each token's hidden-state
+    input (the MTP block's h), carried in the batch's embd beside its token id."""
+    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+    for i, t in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, True
+        batch.seq_id[i][0] = 0
+    batch.n_tokens = len(tokens)
+    if states is not None:
+        batch.embd = states.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    assert llama_cpp.llama_decode(ctx, batch) == 0
+    batch.embd = None  # ours: llama_batch_free must not free it
+    llama_cpp.llama_batch_free(batch)
+
+
+def test_mtp_block_drafts_as_our_module(files, trained):
+    """llama.cpp loads the MTP block (nextn_predict_layers 1) and its MTP graph, fed the target's final-normed
+    states h_i and tokens t(i+1), gives our module's logits for t(i+2)."""
+    params = llama_cpp.llama_model_default_params()
+    params.load_mtp = True
+    model = llama_cpp.llama_model_load_from_file(str(files["f32"]).encode(), params)
+    assert llama_cpp.llama_model_n_layer_nextn(model) == trained.config.num_nextn_predict_layers == 1
+    assert llama_cpp.llama_model_n_layer(model) == trained.config.num_hidden_layers  # the trunk
+    target, draft = _context(model, mtp=False), _context(model, mtp=True)
+    try:
+        ids = trained.tokenizer.encode(PROMPTS[1], add_special_tokens=False).ids
+        D, V, n = trained.config.hidden_size, trained.config.vocab_size, len(ids) - 1
+        _decode(target, ids)
+        h = np.stack(
+            [np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(target, i), (D,)) for i in range(n)]
+        )
+        _decode(draft, ids[1:], np.ascontiguousarray(h, dtype=np.float32))
+        theirs = np.stack(
+            [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(draft, i), (V,)) for i in range(n)]
+        )
+        m = trained.model
+        with torch.no_grad():
+            ours_h = m(torch.tensor([ids]), return_hidden=True).hidden[:, :n]
+            pos = make_positions(m.rope, 1, n, 0, False, n)
+            ours = m.lm_head(m.mtp[0](ours_h, m.embed_tokens(torch.tensor([ids[1:]])), pos)[0])[0].numpy()
+        assert np.abs(h - ours_h[0].numpy()).max() <= 1e-4
+        assert np.abs(theirs - ours).max() <= 1e-4
+    finally:
+        llama_cpp.llama_free(draft)
+        llama_cpp.llama_free(target)
+        llama_cpp.llama_model_free(model)
 
 
 @pytest.mark.parametrize(

@@ -188,9 +188,10 @@ def import_gguf(gguf_path: str | Path, out: str | Path) -> InteropReport:
         )
     refuse_overwrite(out, path, looks_ours=_is_checkpoint_dir)
     raw = _read_tensors(reader, path)
-    config = config_from_metadata(
-        meta, raw["token_embd.weight"].shape[0], "output.weight" not in raw, str(path)
-    )
+    if "token_embd.weight" not in raw:
+        raise InteropError(f"{path}: missing tensor token_embd.weight")
+    vocab_rows = raw["token_embd.weight"].shape[0]
+    config = config_from_metadata(meta, vocab_rows, "output.weight" not in raw, str(path))
     config, raw, notes = _present_mtp(config, raw, path)
     _check_shapes(raw, expected_gguf_shapes(config), path)
     tokenizer, tokenizer_notes = tokenizer_from_metadata(meta, str(path))
@@ -235,16 +236,13 @@ def _read_tensors(reader: Any, path: Path) -> dict[str, torch.Tensor]:
     """Every tensor as float32 (f16, bf16 and q8_0 dequantised), copied out of the memory map."""
     from gguf import quants
 
-    tensors = {}
-    end = path.stat().st_size
+    tensors = {}  # (a tensor cut short by the end of the file has already failed the reader: _open)
     for t in reader.tensors:
         if t.tensor_type.name not in READABLE_TYPES:
             raise InteropError(
                 f"{path}: tensor {t.name} is {t.tensor_type.name}, a quantisation import does not read "
-                f"({', '.join(READABLE_TYPES)}); convert the model to one of those with llama.cpp's llama-quantize"
+                f"(it reads {', '.join(READABLE_TYPES)}); import an f16 or q8_0 file of the model instead"
             )
-        if t.data_offset + t.n_bytes > end:
-            raise InteropError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
         data = quants.dequantize(t.data, t.tensor_type)
         tensors[t.name] = torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
     return tensors
