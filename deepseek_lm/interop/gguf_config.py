@@ -200,7 +200,10 @@ def _yarn_from_metadata(meta: dict[str, Any], source: str) -> dict[str, Any] | N
         return None
     if kind != RopeScalingType.YARN.value:
         raise InteropError(f"{source}: rope scaling {kind!r} is not supported (only YaRN)")
-    mscale = _exact(meta.get(key(Keys.Rope.SCALING_YARN_LOG_MUL), 0.1) / 0.1)
+    if key(Keys.Rope.SCALING_YARN_LOG_MUL) not in meta:  # then llama.cpp scales the rotation and the
+        # scores both, which no mscale / mscale_all_dim pair of ours does
+        raise InteropError(f"{source}: YaRN without {key(Keys.Rope.SCALING_YARN_LOG_MUL)} is not supported")
+    mscale = _exact(meta[key(Keys.Rope.SCALING_YARN_LOG_MUL)] / 0.1)
     return {
         "factor": _exact(meta[key(Keys.Rope.SCALING_FACTOR)]),
         "original_max_position_embeddings": meta[key(Keys.Rope.SCALING_ORIG_CTX_LEN)],
