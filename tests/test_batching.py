@@ -10,7 +10,7 @@ from _trained_tiny import PROMPTS, trained_tiny_checkpoint
 
 from deepseek_lm.errors import UserError
 from deepseek_lm.generate import Engine, SamplingConfig
-from deepseek_lm.generate.batching import BatchEngine, Params, QueueFullError
+from deepseek_lm.generate.batching import BatchEngine, Params, QueueFullError, Request
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -174,3 +174,97 @@ def test_compiled_engine_gives_the_eager_engines_greedy_tokens(checkpoint):
     finally:
         for engine in engines:
             engine.close()
+
+
+# failures: one request's fault fails that request alone, and every request is answered ---------------------
+
+
+def _answers(engine, prompts, params):
+    """Submit every prompt, then collect: each request's last event is its answer."""
+    return [_collect(r) for r in [engine.submit(engine.encode(p), params) for p in prompts]]
+
+
+def test_a_seed_the_generator_refuses_fails_that_request_alone(make_engine):
+    """The engine used to fail its whole batch on a seed beyond 64 bits, and never answer the request
+    itself (caught between its lists). The server refuses such seeds first; the engine answers anyway."""
+    engine = make_engine()
+    engine.eos_token_id = None
+    params = Params(max_tokens=12, sampling=GREEDY)
+    alone = _answers(engine, PROMPTS[:3], params)
+    others = [engine.submit(engine.encode(p), params) for p in PROMPTS[:3]]
+    bad = engine.submit(engine.encode("The"), Params(max_tokens=12, seed=2**70))
+    assert [_collect(r) for r in others] == alone
+    last = list(bad.events(timeout=60))[-1]
+    assert last.finish_reason == "error" and "internal error" in last.error and "Overflow" in last.error
+    assert engine.stats() == dict(waiting=0, prefilling=0, running=0)
+    assert _answers(engine, PROMPTS[:1], params) == alone[:1]
+
+
+@pytest.mark.parametrize("where", ["_prefill_chunk", "_sample_row", "_advance"])
+def test_a_fault_in_one_requests_work_fails_it_alone(make_engine, monkeypatch, where):
+    """A fault injected into the prefill, the sampling or the text of one request (seed 666): that request
+    ends with an error event, the requests decoding beside it give their solo output, bitwise."""
+    engine = make_engine()
+    engine.eos_token_id = None
+    params = Params(max_tokens=16, sampling=SamplingConfig(1.0, None), seed=5, output_logits=True)
+    alone = _answers(engine, PROMPTS[:3], params)
+    real = getattr(engine, where)
+
+    def faulty(*args, **kwargs):
+        request = next(a for a in args if isinstance(a, Request))
+        if request.params.seed == 666 and (where == "_prefill_chunk" or request.completion_tokens >= 3):
+            raise ValueError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, where, faulty)
+    doomed = engine.submit(engine.encode(PROMPTS[3]), Params(max_tokens=16, seed=666))
+    assert _answers(engine, PROMPTS[:3], params) == alone
+    last = list(doomed.events(timeout=60))[-1]
+    assert last.finish_reason == "error" and last.error == "internal error: ValueError: injected"
+    assert engine.stats() == dict(waiting=0, prefilling=0, running=0)
+
+
+def test_a_fault_in_the_shared_step_fails_its_rows_and_the_queue_goes_on(make_engine, monkeypatch):
+    """The decode step all running rows share raises once: those rows end with an error event; the
+    requests still waiting for a slot then run, with their solo output."""
+    engine = make_engine(max_batch_size=2)
+    engine.eos_token_id = None
+    params = Params(max_tokens=12, sampling=GREEDY)
+    alone = _answers(engine, PROMPTS[2:4], params)
+    step, failed = engine.decoder.step, []
+
+    def once(ids, *args):
+        if len(ids) == 2 and not failed:  # the first step both running requests share
+            failed.append(1)
+            raise RuntimeError("injected")
+        return step(ids, *args)
+
+    monkeypatch.setattr(engine.decoder, "step", once)
+    running = [engine.submit(engine.encode(p), params) for p in PROMPTS[:2]]
+    queued = [engine.submit(engine.encode(p), params) for p in PROMPTS[2:4]]
+    for request in running:
+        assert list(request.events(timeout=60))[-1].error == "internal error: RuntimeError: injected"
+    assert [_collect(r) for r in queued] == alone
+
+
+def test_a_sink_that_raises_cancels_its_request_only(make_engine):
+    engine = make_engine()
+    engine.eos_token_id = None
+    params = Params(max_tokens=40, sampling=GREEDY)
+    alone = _answers(engine, PROMPTS[:2], params)
+
+    def broken(event):
+        raise OSError("the reader is gone")
+
+    gone = engine.submit(engine.encode("The"), params, sink=broken)
+    assert _answers(engine, PROMPTS[:2], params) == alone
+    assert gone.finish_reason == "cancelled" and gone.completion_tokens < 40
+    assert engine.stats() == dict(waiting=0, prefilling=0, running=0)
+
+
+def test_more_requests_than_the_engine_ever_holds_is_a_user_error(make_engine):
+    engine = make_engine(max_batch_size=2, max_queue=3)
+    items = [(engine.encode("x"), Params(2, GREEDY), None)] * 6
+    with pytest.raises(UserError, match=r"6 generations at once are more than this server ever holds: 5"):
+        engine.submit_all(items)
+    assert len(engine.submit_all(items[:5])) == 5  # all of them fit at once

@@ -49,6 +49,13 @@ import torch
 
 from deepseek_lm.data.tokenizer import special_token_ids
 from deepseek_lm.errors import UserError
+from deepseek_lm.generate.logits_processing import (
+    Processing,
+    RowProcessor,
+    TokenLogprobs,
+    log_softmax,
+    token_logprobs,
+)
 from deepseek_lm.generate.sampling import SamplingConfig, argmax, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
 from deepseek_lm.model.decode import _KV_CHUNK, Decoder
@@ -69,6 +76,12 @@ class Params:
     stop: Sequence[str] = ()  # stop strings: the text ends before the first one
     stop_token_ids: Sequence[int] = ()  # tokens that end the request as end-of-text does (a chat turn's end)
     output_logits: bool = False  # each event carries the logits its token was drawn from
+    processing: Processing = field(default_factory=Processing)  # penalties and logit bias
+    grammar: Any = None  # structured output: a `grammar.Grammar`, whose matcher masks every step
+    logprobs: int | None = None  # each event carries its tokens' log-probabilities and this many alternatives
+    # the first event carries every prompt token's (after the first), with this many alternatives; then
+    # max_tokens may be 0: the prompt is scored and nothing generated
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -84,6 +97,10 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     logits: torch.Tensor | None = None  # (V,) fp32, with Params.output_logits
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, with Params.logprobs
+    prompt_logprobs: list[TokenLogprobs] | None = (
+        None  # prompt tokens 1.., first event, Params.prompt_logprobs
+    )
     # speculative engines, on the first event of each round of the request: drafts verified, of them accepted
     drafted: int = 0
     accepted: int = 0
@@ -111,6 +128,8 @@ class Request:
         self._pos = 0
         self._generator: torch.Generator | None = None
         self._stream: TextStream | None = None
+        self._processor: RowProcessor | None = None
+        self._prompt_logprobs: list[TokenLogprobs] | None = None  # computed by the prefill, sent first
         # a speculative engine's: the next round's drafts (D,) and their distributions (D, V) (None: greedy),
         # and the prefilled states whose MTP pairs wait for their next token (1, k, D)
         self._drafts: torch.Tensor | None = None
@@ -185,36 +204,70 @@ class BatchEngine:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return ids or ([self.eos_token_id] if self.eos_token_id is not None else [])
 
-    def check(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Raise a `UserError` naming the numbers when a request cannot run."""
+    @property
+    def capacity(self) -> int:
+        """Requests the engine can ever hold at once: one per slot, and `max_queue` waiting."""
+        return self.max_batch_size + self.max_queue
+
+    @property
+    def closing(self) -> str | None:
+        """Why the engine stops (`close`), or None while it serves."""
+        return self._closing
+
+    def check(self, prompt_tokens: int, max_tokens: int, params: Params | None = None) -> None:
+        """Raise a `UserError` naming the numbers when a request cannot run. With `params.prompt_logprobs`,
+        max_tokens may be 0 (the prompt is scored, nothing generated)."""
         if prompt_tokens < 1:
             raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
-        if max_tokens < 1:
-            raise UserError(f"max_tokens must be at least 1, got {max_tokens}")
+        least = 0 if params is not None and params.prompt_logprobs is not None else 1
+        if max_tokens < least:
+            raise UserError(f"max_tokens must be at least {least}, got {max_tokens}")
         if prompt_tokens + max_tokens > self.context_length:
             raise UserError(
                 f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: together "
                 f"{prompt_tokens + max_tokens}, more than the {self.context_length}-token context; "
                 "shorten the prompt or lower max_tokens"
             )
+        if params is not None and (name := self.unsupported(params)) is not None:
+            raise UserError(f"{name} is not supported by this engine")
+
+    def unsupported(self, params: Params) -> str | None:
+        """The first setting of `params` this engine cannot honour, or None."""
+        return None
 
     def submit(
         self, prompt_ids: Sequence[int], params: Params, sink: Callable[[Event], None] | None = None
     ) -> Request:
         """Queue a prompt. `sink(event)` is called from the loop's thread; without one, read
         `request.events()`. Raises `UserError` (see `check`) or `QueueFullError`."""
-        self.check(len(prompt_ids), params.max_tokens)
-        request = Request(list(prompt_ids), params, sink)
+        return self.submit_all([(prompt_ids, params, sink)])[0]
+
+    def submit_all(
+        self, items: Sequence[tuple[Sequence[int], Params, Callable[[Event], None] | None]]
+    ) -> list[Request]:
+        """Queue several prompts, all or none: a `UserError` when one cannot run or when they are more than
+        the engine can ever hold (`capacity`: waiting would never help), a `QueueFullError` when they do not
+        fit now."""
+        for ids, params, _ in items:
+            self.check(len(ids), params.max_tokens, params)
+        if len(items) > self.capacity:
+            raise UserError(
+                f"{len(items)} generations at once are more than this server ever holds: {self.capacity} "
+                f"({self.max_batch_size} slots and a queue of {self.max_queue})"
+            )
+        requests = [Request(list(ids), params, sink) for ids, params, sink in items]
         with self._lock:
             if self._closing:
                 raise QueueFullError(f"the engine is stopping ({self._closing})")
-            if len(self._waiting) - max(self._free_slots(), 0) >= self.max_queue:
+            room = self.max_queue + max(self._free_slots(), 0) - len(self._waiting)
+            if len(requests) > room:
                 raise QueueFullError(
-                    f"all {self.max_batch_size} slots are busy and {self.max_queue} requests wait"
+                    f"all {self.max_batch_size} slots are busy and {len(self._waiting)} requests wait "
+                    f"(at most {self.max_queue})"
                 )
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             self._lock.notify()
-        return request
+        return requests
 
     def stats(self) -> dict[str, int]:
         """Requests waiting for a slot, being prefilled, and decoding (a snapshot)."""
@@ -259,6 +312,9 @@ class BatchEngine:
         self.decoder.step(ids, torch.zeros_like(ids), kvs)
 
     # the loop (its own thread) ------------------------------------------------------------------------------
+    # Every request is answered: work that concerns one request runs under `_guarded`, which fails that
+    # request alone (an error event; its slot freed) when it raises, and the one step all running rows
+    # share fails those rows; the others keep running, the queue keeps its requests.
 
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -272,9 +328,9 @@ class BatchEngine:
                         self._prefilling.append(self._waiting.popleft())
                 try:
                     self._iteration()
-                except Exception as e:  # a bug, not the user's input: fail what is running, keep serving
+                except Exception as e:  # a bug in the loop's own bookkeeping: fail what holds a slot
                     traceback.print_exc(file=sys.stderr)
-                    self._fail_all(f"internal error: {type(e).__name__}: {e}", waiting=False)
+                    self._fail([*self._rows, *self._prefilling], _internal(e))
         self._fail_all(self._closing, waiting=True)
 
     def _iteration(self) -> None:
@@ -288,9 +344,18 @@ class BatchEngine:
             if end - start > budget:
                 break
             budget -= end - start
-            self._prefill(request, start, end)
+            self._guarded([request], self._prefill, request, start, end)
         if self._rows:
-            self._decode_step()
+            self._guarded(list(self._rows), self._decode_step)
+
+    def _guarded(self, requests: list[Request], work: Callable, *args: Any) -> Any:
+        """`work(*args)`'s result; if it raises, `requests` fail with the error (and None is returned)."""
+        try:
+            return work(*args)
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            self._fail(requests, _internal(e))
+            return None
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -304,17 +369,36 @@ class BatchEngine:
             self._finish(request, "cancelled")
 
     def _prefill(self, request: Request, start: int, end: int) -> None:
-        hidden = self._prefill_chunk(request, start, end)
+        scored = request.params.prompt_logprobs is not None
+        hidden = self._prefill_chunk(request, start, end, every_state=scored)  # (1, D), scored: (1, T, D)
         request._prefilled = end
+        if scored:
+            self._score_prompt(request, self.decoder.logits(hidden)[0], start, end)
+            hidden = hidden[:, -1]
         if end == request.prompt_tokens:
             with self._lock:
                 self._prefilling.popleft()
+            if request.params.max_tokens == 0:  # scored only
+                request.finish_reason = "length"
+                event = Event("", [], time.monotonic(), "length", prompt_logprobs=request._prompt_logprobs)
+                return self._send(request, event)
             self._start_decoding(request, self.decoder.logits(hidden))
 
-    def _prefill_chunk(self, request: Request, start: int, end: int) -> torch.Tensor:
-        """Prompt tokens start..end - 1 into the staging cache -> the final-normed state after them (1, D)."""
+    def _score_prompt(self, request: Request, logits_TV: torch.Tensor, start: int, end: int) -> None:
+        """The log-probabilities of prompt tokens start + 1 .. end (those these positions predict)."""
+        targets = request.prompt_ids[start + 1 : end + 1]
+        scored = token_logprobs(
+            log_softmax(logits_TV[: len(targets)]), targets, request.params.prompt_logprobs
+        )
+        request._prompt_logprobs = (request._prompt_logprobs or []) + scored
+
+    def _prefill_chunk(
+        self, request: Request, start: int, end: int, every_state: bool = False
+    ) -> torch.Tensor:
+        """Prompt tokens start..end - 1 into the staging cache -> the final-normed state after them (1, D),
+        or with `every_state` the state after each of them (1, T, D)."""
         ids = torch.tensor([request.prompt_ids[start:end]], device=self._device)  # (1, T)
-        return fill(self.model, self.fast_prefill, ids, self._staging, start)
+        return fill(self.model, self.fast_prefill, ids, self._staging, start, every_state=every_state)
 
     def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
         """The prompt is in the staging cache and `logits` (1, V) follow it: sample the first token, and
@@ -322,11 +406,14 @@ class BatchEngine:
         p = request.params
         request._generator = make_generator(p.seed, self._device)
         request._stream = TextStream(self.tokenizer, list(p.stop), request.prompt_ids)
+        grammar = p.grammar.matcher() if p.grammar is not None else None
+        request._processor = RowProcessor(p.processing, request.prompt_ids, logits.shape[-1], grammar)
         request._pos = request.prompt_tokens
-        event = self._advance(request, int(self._sample(logits, [request])[0]), logits[0])
+        event = self._advance(request, self._sample_row(logits[0], request), logits[0])
+        event.prompt_logprobs = request._prompt_logprobs
         if event.finish_reason is None:
             self._join(request)
-        request._sink(event)
+        self._send(request, event)
 
     def _join(self, request: Request) -> None:
         """Move the staged prompt into the next free slot: the request decodes from the next step."""
@@ -337,23 +424,28 @@ class BatchEngine:
             self._rows.append(request)
 
     def _decode_step(self) -> None:
-        n = len(self._rows)
-        rows = self._step_rows(n)
-        ids = torch.full((rows, 1), self.pad_token_id, dtype=torch.long)  # (B, 1); padding rows: free slots
-        pos = torch.zeros(rows, 1, dtype=torch.long)
-        ids[:n, 0] = torch.tensor([r._next_id for r in self._rows])
-        pos[:n, 0] = torch.tensor([r._pos for r in self._rows])
+        rows = list(self._rows)
+        n = len(rows)
+        B = self._step_rows(n)
+        ids = torch.full((B, 1), self.pad_token_id, dtype=torch.long)  # (B, 1); padding rows: free slots
+        pos = torch.zeros(B, 1, dtype=torch.long)
+        ids[:n, 0] = torch.tensor([r._next_id for r in rows])
+        pos[:n, 0] = torch.tensor([r._pos for r in rows])
         length = self._attended(int(pos.max()) + 1)
-        kvs = [kv[:rows, :length] for kv in self.cache.kv]
+        kvs = [kv[:B, :length] for kv in self.cache.kv]
         logits = self.decoder.step(ids.to(self._device), pos.to(self._device), kvs)[:n]  # (n, V)
         self.steps += 1
-        tokens = self._sample(logits, self._rows).tolist()
-        for request, token, row in zip(list(self._rows), tokens, logits):
-            request._pos += 1
-            event = self._advance(request, token, row)
-            if event.finish_reason is not None:
-                self._release(request)  # first: whoever reads the last event finds the slot free
-            request._sink(event)
+        for request, token, row in zip(rows, self._sample(logits, rows), logits):
+            if token is not None:  # None: the request failed while its token was picked
+                self._guarded([request], self._next, request, token, row)
+
+    def _next(self, request: Request, token: int, logits: torch.Tensor) -> None:
+        """A decoding row's next token: its event, and its slot freed when that ends it."""
+        request._pos += 1
+        event = self._advance(request, token, logits)
+        if event.finish_reason is not None:
+            self._release(request)  # first: whoever reads the last event finds the slot free
+        self._send(request, event)
 
     def _step_rows(self, n: int) -> int:
         if not self.compile:
@@ -370,44 +462,79 @@ class BatchEngine:
             return self.context_length
         return min(-(-end // _KV_CHUNK) * _KV_CHUNK, self.context_length)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """(n, V) -> (n,) each row with its request's settings and generator; greedy rows in one argmax."""
-        logits = logits.float()
-        greedy = [i for i, r in enumerate(requests) if r.params.sampling.greedy]
-        tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
-        if greedy:
-            tokens[greedy] = argmax(logits[greedy])
-        for i, r in enumerate(requests):
-            if not r.params.sampling.greedy:
-                tokens[i] = sample(logits[i : i + 1], r.params.sampling, r._generator)[0]
-        return tokens.cpu()
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | None]:
+        """(n, V) -> each row's next token, with its request's processing, settings and generator (None
+        where that failed: the request is answered with the error); plain greedy rows in one argmax."""
+        plain = [i for i, r in enumerate(requests) if r.params.sampling.greedy and not r._processor.active]
+        tokens: list[int | None] = [None] * len(requests)
+        if plain:
+            for i, token in zip(plain, argmax(logits[plain].float()).tolist()):
+                tokens[i] = token
+        for i in sorted(set(range(len(requests))) - set(plain)):
+            tokens[i] = self._guarded([requests[i]], self._sample_row, logits[i], requests[i])
+        return tokens
+
+    def _sample_row(self, logits_V: torch.Tensor, request: Request) -> int:
+        processor = request._processor
+        x = processor(logits_V) if processor.active else logits_V.float()
+        return int(sample(x[None], request.params.sampling, request._generator)[0])
 
     def _advance(self, request: Request, token: int, logits: torch.Tensor) -> Event:
-        """One generated token of the request -> its event (with a finish reason when it ends the request)."""
+        """One generated token of the request -> its event (with a finish reason when it ends the request).
+        `logits` (V,) are the model's, before the request's processing."""
         request.completion_tokens += 1
         request._next_id = token
+        request._processor.accept(token)
+        p = request.params
+        logprobs = (
+            token_logprobs(log_softmax(logits[None]), [token], p.logprobs) if p.logprobs is not None else None
+        )
         reason = None
-        if token == self.eos_token_id or token in request.params.stop_token_ids:
+        if token == self.eos_token_id or token in p.stop_token_ids:
             reason, piece = "eos", ""
         else:
             piece = request._stream.push(token)
             if request._stream.stopped:
                 reason = "stop"
-            elif request.completion_tokens >= request.params.max_tokens:
+            elif request.completion_tokens >= p.max_tokens:
                 reason = "length"
             elif request._pos >= self.context_length:
                 reason = "context"
-        kept = logits.float().cpu().clone() if request.params.output_logits else None
+        kept = logits.float().cpu().clone() if p.output_logits else None
         if reason is None:
-            return Event(piece, [token], time.monotonic(), logits=kept)
+            return Event(piece, [token], time.monotonic(), logits=kept, logprobs=logprobs)
         request.finish_reason = reason
-        return Event(piece + request._stream.finish(), [token], time.monotonic(), reason, logits=kept)
+        text = piece + request._stream.finish()
+        return Event(text, [token], time.monotonic(), reason, logits=kept, logprobs=logprobs)
+
+    def _send(self, request: Request, event: Event) -> None:
+        """Hand the event to the request's sink. A sink that raises (its reader is gone or broken) is not
+        called again: the request is cancelled, which frees its slot at the next step."""
+        try:
+            request._sink(event)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            request.cancel()
 
     def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
         if request.done:
             return
         request.finish_reason = reason
-        request._sink(Event("", [], time.monotonic(), reason, error))
+        self._send(request, Event("", [], time.monotonic(), reason, error))
+
+    def _fail(self, requests: list[Request], why: str) -> None:
+        """End `requests` with an error event, wherever they are: decoding (the slot is freed), prefilling or
+        waiting."""
+        for request in requests:
+            if request.done:
+                continue
+            if request in self._rows:
+                self._release(request)
+            with self._lock:
+                for place in (self._prefilling, self._waiting):
+                    if request in place:
+                        place.remove(request)
+            self._finish(request, "error", why)
 
     def _release(self, request: Request) -> None:
         """Free a finished row's slot: the last row moves into it, so that occupied slots stay in front."""
@@ -432,3 +559,7 @@ class BatchEngine:
                 self._waiting.clear()
         for request in doomed:
             self._finish(request, "error", why)
+
+
+def _internal(e: Exception) -> str:
+    return f"internal error: {type(e).__name__}: {e}"

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from deepseek_lm.errors import UserError
-from deepseek_lm.generate.batching import BatchEngine, Request
+from deepseek_lm.generate.batching import BatchEngine, Params, Request
 from deepseek_lm.generate.sampling import argmax, draw, probabilities
 from deepseek_lm.generate.speculative import accept_greedy, accept_sampled, chain, draft_prefill
 from deepseek_lm.model.decode import _KV_CHUNK
@@ -101,7 +101,19 @@ class SpeculativeBatchEngine(BatchEngine):
 
     # joining ----------------------------------------------------------------------------------------------
 
-    def _prefill_chunk(self, request: Request, start: int, end: int) -> torch.Tensor:
+    def unsupported(self, params: Params) -> str | None:
+        """Speculative rounds accept and draft from the model's own distribution: no logit processing,
+        structured output or log-probabilities (serve them without --speculative)."""
+        names = dict(
+            logprobs=params.logprobs is not None or params.prompt_logprobs is not None,
+            penalties_or_logit_bias=params.processing.active,
+            response_format=params.grammar is not None,
+        )
+        return next((name for name, used in names.items() if used), None)
+
+    def _prefill_chunk(
+        self, request: Request, start: int, end: int, every_state: bool = False
+    ) -> torch.Tensor:
         """The main model over the chunk (every position's state kept), then the MTP module over the pairs
         (h_i, t_{i+1}) whose next token is in the prompt; the last state waits (`_join`)."""
         ids = torch.tensor([request.prompt_ids[start:end]], device=self._device)  # (1, T)
@@ -114,7 +126,7 @@ class SpeculativeBatchEngine(BatchEngine):
                 draft_prefill(self.model, pending[:, :-1], ahead, first, self._draft_staging)
             pending = pending[:, -1:]
         request._pending = pending
-        return hidden[:, -1]
+        return hidden if every_state else hidden[:, -1]
 
     def _join(self, request: Request) -> None:
         """The module over the last pairs, the newest one (h_{n-1}, the first token); its state drafts the
@@ -160,7 +172,7 @@ class SpeculativeBatchEngine(BatchEngine):
         host = torch.cat((y, accepted[:, None]), dim=1).cpu().numpy()  # the round's one read-back
         for i, request in enumerate(rows):
             request._drafts, request._q = drafts[i], None if q is None else q[i]
-            self._emit(request, host[i, :-1], int(host[i, -1]), logits[i])
+            self._guarded([request], self._emit, request, host[i, :-1], int(host[i, -1]), logits[i])
 
     def _accept(self, logits: torch.Tensor, drafts: torch.Tensor, rows: list[Request]):
         """-> tokens (n, T) and drafts kept (n,): greedy rows together, sampled rows each with its own
@@ -216,9 +228,9 @@ class SpeculativeBatchEngine(BatchEngine):
                 event.drafted, event.accepted = self.draft_tokens, accepted
             if event.finish_reason is not None:
                 self._release(request)  # first: whoever reads the last event finds the slot free
-                request._sink(event)
+                self._send(request, event)
                 return
-            request._sink(event)
+            self._send(request, event)
 
     def _move_row(self, src: int, dst: int, end: int) -> None:
         # a row that leaves mid-round can move one whose tokens of this round are not emitted yet: its

@@ -115,8 +115,9 @@ def _error_handlers(app: FastAPI) -> None:
             )
         else:
             param = ".".join(loc) or None
-            given = f"; got {json.dumps(first['input'])[:80]}" if "input" in first and loc else ""
-            message = f"{param or 'body'}: {first['msg']}{given}"
+            given = f"; got {_shown(first['input'])}" if "input" in first and loc else ""
+            said = first["msg"].removeprefix("Value error, ")  # our validators' own sentences
+            message = f"{param}: {said}{given}" if param else said
         return JSONResponse(P.error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -131,6 +132,11 @@ def _error_handlers(app: FastAPI) -> None:
         traceback.print_exception(exc, file=sys.stderr)
         message = f"internal error: {type(exc).__name__} (see the server's log)"
         return JSONResponse(P.error_body(message, "server_error"), status_code=500)
+
+
+def _shown(value: Any) -> str:
+    """A value as the error message quotes it: JSON, 80 characters at most, never a lone surrogate."""
+    return json.dumps(value, default=str)[:80]
 
 
 class _CountRequests:

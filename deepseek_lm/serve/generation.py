@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import sys
 import time
+import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +19,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deepseek_lm.errors import UserError
 from deepseek_lm.generate.batching import BatchEngine, Event, Params, QueueFullError
+from deepseek_lm.generate.grammar import Grammars
+from deepseek_lm.generate.logits_processing import Processing, TokenLogprobs
 from deepseek_lm.generate.sampling import SamplingConfig
 from deepseek_lm.serve import protocol as P
+from deepseek_lm.serve.logprobs import LogprobsWriter
 from deepseek_lm.serve.metrics import Metrics
 from deepseek_lm.serve.protocol import APIError, bad_request
 
@@ -33,6 +38,9 @@ class _Choice:
     finish_reason: str | None = None
     error: str | None = None
     last_time: float | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # the generated tokens'
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.. (echo with logprobs)
+    text_offset: int = 0  # a completions stream's text sent so far (logprobs' text_offset)
 
 
 class Completions:
@@ -42,6 +50,9 @@ class Completions:
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
         self.chat_format = chat_format
         self.created = P.now()
+        vocab = engine.model.config.vocab_size
+        self.grammars = Grammars(engine.tokenizer, vocab_size=vocab, eos_token_id=engine.eos_token_id)
+        self.logprobs = LogprobsWriter(engine.tokenizer)
 
     def model_card(self) -> dict:
         card = dict(
@@ -70,9 +81,9 @@ class Completions:
         if (name := body.unsupported()) is not None:
             raise bad_request(f"{name} is not supported by this server; leave it out", name, "unsupported")
         prompts = self._prompts(body, kind)
-        params = self._params(body, prompts)
+        params = self._params(body, prompts, kind)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        choices = self._submit(prompts, params, body.n, loop, events, arrival)
+        choices = self._submit(prompts, params, body, loop, events, arrival)
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * body.n)
         response_id = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
         stream = _Stream(self, body, kind, response_id, prompts, choices, events, arrival)
@@ -106,41 +117,82 @@ class Completions:
             out.append(ids)
         return out
 
-    def _params(self, body: Any, prompts: list[list[int]]) -> Params:
+    def _params(self, body: Any, prompts: list[list[int]], kind: P.Kind) -> Params:
+        """The engine's settings for the request, every value checked (a 400 naming the parameter)."""
         longest = max(len(p) for p in prompts)
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if max_tokens is None:  # chat without a limit: up to the end of the context
             max_tokens = max(self.engine.context_length - longest, 1)
+        if max_tokens == 0 and not getattr(body, "echo", False):
+            raise bad_request(
+                "max_tokens 0 generates nothing: it needs echo (the prompt, scored)", "max_tokens"
+            )
+        logprobs, prompt_logprobs = body.logprob_counts()
         try:
-            self.engine.check(longest, max_tokens)
             top_k = body.top_k if body.top_k and body.top_k > 0 else None
             sampling = SamplingConfig(temperature=body.temperature, top_k=top_k, top_p=body.top_p)
         except UserError as e:
-            param = "max_tokens" if "max_tokens" in str(e) else None
-            raise bad_request(str(e), param) from None
+            raise bad_request(str(e)) from None
         stop, stop_ids = body.stop_strings(), ()
-        if getattr(body, "messages", None) is not None:  # what ends an assistant turn in this chat format
+        if kind == "chat":  # what ends an assistant turn in this chat format
             stop += [s for s in self.chat_format.stop if s not in stop]
             stop_ids = self.chat_format.stop_token_ids
-        return Params(
-            max_tokens=max_tokens, sampling=sampling, seed=body.seed, stop=stop, stop_token_ids=stop_ids
-        )
-
-    def _submit(self, prompts, params: Params, n: int, loop, events, arrival: float) -> list[_Choice]:
-        choices = []
+        params = Params(
+            max_tokens=max_tokens, sampling=sampling, seed=body.seed, stop=stop, stop_token_ids=stop_ids,
+            processing=self._processing(body), grammar=self._grammar(body), logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )  # fmt: skip
         try:
-            for p, ids in enumerate(prompts):
-                for j in range(n):
-                    choice = _Choice(index=p * n + j)
-                    # choice i draws from seed + i: n samples differ, and a seed reproduces each of them
-                    seed = None if params.seed is None else params.seed + choice.index
-                    sink = self._sink(loop, events, choice, arrival)
-                    choice.request = self.engine.submit(ids, _with_seed(params, seed), sink)
-                    choices.append(choice)
+            self.engine.check(longest, max_tokens, params)
+        except UserError as e:
+            param = "max_tokens" if "max_tokens" in str(e) else None
+            raise bad_request(str(e), param) from None
+        return params
+
+    def _processing(self, body: Any) -> Processing:
+        vocab, bias = self.engine.model.config.vocab_size, {}
+        for key, value in (body.logit_bias or {}).items():
+            token = int(key) if key.strip().lstrip("-").isdigit() and len(key) < 12 else None
+            if token is None or not 0 <= token < vocab:
+                raise bad_request(
+                    f"logit_bias keys must be token ids in [0, {vocab}) written as strings, got {key[:40]!r}",
+                    "logit_bias",
+                )
+            bias[token] = min(max(value, -P.MAX_BIAS), P.MAX_BIAS)  # clamped, as OpenAI and vLLM do
+        return Processing(
+            presence=body.presence_penalty, frequency=body.frequency_penalty,
+            repetition=body.repetition_penalty, bias=bias,
+        )  # fmt: skip
+
+    def _grammar(self, body: Any) -> Any:
+        if (constraint := body.constraint()) is None:
+            return None
+        kind, value = constraint
+        param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+        try:
+            return getattr(self.grammars, kind)(value)
+        except UserError as e:
+            raise bad_request(str(e), param) from None
+
+    def _submit(self, prompts, params: Params, body: Any, loop, events, arrival: float) -> list[_Choice]:
+        """One engine request per prompt and choice, queued all together or not at all."""
+        n, choices, items = body.n, [], []
+        for p, ids in enumerate(prompts):
+            for j in range(n):
+                choice = _Choice(index=p * n + j)
+                # choice i draws from seed + i: n samples differ, and a seed reproduces each of them
+                seed = None if params.seed is None else params.seed + choice.index
+                items.append((ids, _with_seed(params, seed), self._sink(loop, events, choice, arrival)))
+                choices.append(choice)
+        try:
+            requests = self.engine.submit_all(items)
+        except UserError as e:  # more than the server ever holds: waiting would not help
+            what = f"{len(prompts)} prompt(s) × n={n}"
+            raise bad_request(f"{what}: {e}; send fewer prompts or choices per request", "prompt") from None
         except QueueFullError as e:
-            for c in choices:
-                c.request.cancel()
             raise APIError(503, f"the server is busy: {e}; retry in a moment", "server_overloaded") from None
+        for choice, request in zip(choices, requests):
+            choice.request = request
         return choices
 
     def _sink(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, choice: _Choice, arrival: float):
@@ -148,7 +200,10 @@ class Completions:
         listens), then the event to this request's queue in the event loop."""
 
         def put(event: Event) -> None:
-            self._observe(choice, event, arrival)
+            try:
+                self._observe(choice, event, arrival)
+            except Exception:  # a metric is not worth an answer: the event goes out whatever happens here
+                traceback.print_exc(file=sys.stderr)
             with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens any more
                 loop.call_soon_threadsafe(events.put_nowait, (choice.index, event))
 
@@ -182,12 +237,17 @@ class _Stream:
         self.server, self.body, self.kind, self.id = server, body, kind, response_id
         self.prompts, self.choices, self.events, self.arrival = prompts, choices, events, arrival
         self.created = P.now()
+        self.with_logprobs = body.logprob_counts()[0] is not None
 
     async def _next(self) -> tuple[_Choice, Event]:
         index, event = await self.events.get()
         choice = self.choices[index]
         if event.finish_reason is not None:
             choice.finish_reason, choice.error = event.finish_reason, event.error
+        if event.logprobs:
+            choice.logprobs += event.logprobs
+        if event.prompt_logprobs is not None:
+            choice.prompt_logprobs = event.prompt_logprobs
         return choice, event
 
     def _pending(self) -> bool:
@@ -203,13 +263,34 @@ class _Stream:
         )
         return P.usage(prompt, completion, drafted, accepted)
 
+    def _prompt_ids(self, choice: _Choice) -> list[int]:
+        return self.prompts[choice.index // self.body.n]
+
     def _echo(self, choice: _Choice) -> str:
         if self.kind == "chat" or not self.body.echo:
             return ""
-        return self.server.engine.tokenizer.decode(self.prompts[choice.index // self.body.n])
+        return self.server.engine.tokenizer.decode(self._prompt_ids(choice))
 
     def _failure(self) -> _Choice | None:
         return next((c for c in self.choices if c.finish_reason in ("error", "cancelled")), None)
+
+    def _failure_error(self, choice: _Choice) -> APIError:
+        """A choice that did not finish: the server stopping (503) or a fault inside it (500)."""
+        message = f"generation stopped: {choice.error or choice.finish_reason}"
+        return APIError(503 if self.server.engine.closing else 500, message, "server_error")
+
+    def _logprobs(self, choice: _Choice, tokens: list[TokenLogprobs], offset: int, echo: bool) -> Any:
+        """The choice's logprobs field for these generated tokens (with the prompt's first, with echo)."""
+        if not self.with_logprobs:
+            return None
+        writer = self.server.logprobs
+        if self.kind == "chat":
+            return {"content": writer.chat(tokens)}
+        entries = [(lp.token, lp) for lp in tokens]
+        if echo:
+            prompt = self._prompt_ids(choice)
+            entries = [(prompt[0], None), *((lp.token, lp) for lp in choice.prompt_logprobs or ()), *entries]
+        return writer.completion(entries, offset)
 
     # non-streaming ----------------------------------------------------------------------------------------
 
@@ -224,7 +305,7 @@ class _Stream:
             for c in self.choices:
                 c.request.cancel()
         if (failed := self._failure()) is not None:
-            raise APIError(503, f"generation stopped: {failed.error or failed.finish_reason}", "server_error")
+            raise self._failure_error(failed)
         return JSONResponse(self._response())
 
     async def _cancel_on_disconnect(self, request: Request) -> None:
@@ -236,13 +317,15 @@ class _Stream:
     def _response(self) -> dict:
         choices = []
         for c in self.choices:
-            text = self._echo(c) + "".join(c.text)
+            echo = self._echo(c)
             reason = P.FINISH_REASONS[c.finish_reason]
+            logprobs = self._logprobs(c, c.logprobs, 0, bool(echo))
             if self.kind == "chat":
-                message = {"role": "assistant", "content": text}
-                choices.append(dict(index=c.index, message=message, logprobs=None, finish_reason=reason))
+                message = {"role": "assistant", "content": "".join(c.text)}
+                choices.append(dict(index=c.index, message=message, logprobs=logprobs, finish_reason=reason))
             else:
-                choices.append(dict(index=c.index, text=text, logprobs=None, finish_reason=reason))
+                text = echo + "".join(c.text)
+                choices.append(dict(index=c.index, text=text, logprobs=logprobs, finish_reason=reason))
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return dict(
             id=self.id, object=obj, created=self.created, model=self.server.model_name, choices=choices,
@@ -251,15 +334,17 @@ class _Stream:
 
     # streaming --------------------------------------------------------------------------------------------
 
-    def _chunk(self, choice: _Choice | None, text: str | None, finish: str | None, role: bool = False) -> str:
+    def _chunk(
+        self, choice: _Choice, text: str | None, finish: str | None, role: bool = False, logprobs: Any = None
+    ) -> str:
         if self.kind == "chat":
             delta = (
                 {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
             )
-            item = dict(index=choice.index, delta=delta, logprobs=None, finish_reason=finish)
+            item = dict(index=choice.index, delta=delta, logprobs=logprobs, finish_reason=finish)
             obj = "chat.completion.chunk"
         else:
-            item = dict(index=choice.index, text=text or "", logprobs=None, finish_reason=finish)
+            item = dict(index=choice.index, text=text or "", logprobs=logprobs, finish_reason=finish)
             obj = "text_completion"
         chunk = dict(
             id=self.id, object=obj, created=self.created, model=self.server.model_name, choices=[item]
@@ -271,25 +356,35 @@ class _Stream:
     def _include_usage(self) -> bool:
         return bool(self.body.stream_options and self.body.stream_options.include_usage)
 
+    def _event_chunk(self, choice: _Choice, event: Event) -> str | None:
+        """The chunk for one event (None when it carries nothing to send). The echoed prompt (completions)
+        goes out with the choice's first event, scored when it was."""
+        echo = ""
+        if self.kind != "chat" and self.body.echo and choice.text_offset == 0 and not choice.text:
+            echo = self._echo(choice)
+        text = echo + event.text
+        logprobs = None
+        if self.with_logprobs and (event.token_ids or echo):
+            logprobs = self._logprobs(choice, event.logprobs or [], choice.text_offset, bool(echo))
+        choice.text.append(text)
+        choice.text_offset += len(text)
+        reason = None if event.finish_reason is None else P.FINISH_REASONS[event.finish_reason]
+        if not (text or logprobs or reason):
+            return None
+        return self._chunk(choice, text if text or self.kind != "chat" else None, reason, logprobs=logprobs)
+
     async def sse(self) -> AsyncIterator[str]:
         try:
-            for c in self.choices:
-                if self.kind == "chat":
+            if self.kind == "chat":
+                for c in self.choices:
                     yield self._chunk(c, None, None, role=True)
-                elif echo := self._echo(c):
-                    yield self._chunk(c, echo, None)
             while self._pending():
                 choice, event = await self._next()
                 if event.finish_reason in ("error", "cancelled"):
-                    message = f"generation stopped: {event.error or event.finish_reason}"
-                    yield _sse(P.error_body(message, "server_error"))
+                    yield _sse(self._failure_error(choice).body)
                     break
-                if event.text:
-                    yield self._chunk(choice, event.text, None)
-                if event.finish_reason is not None:
-                    yield self._chunk(
-                        choice, None if self.kind == "chat" else "", P.FINISH_REASONS[event.finish_reason]
-                    )
+                if (chunk := self._event_chunk(choice, event)) is not None:
+                    yield chunk
             if self._include_usage() and self._failure() is None:
                 obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
                 yield _sse(dict(id=self.id, object=obj, created=self.created, model=self.server.model_name,
