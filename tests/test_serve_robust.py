@@ -170,8 +170,8 @@ _CHAT = {
     **_SAMPLING,
 }
 _BODY = {
-    "/v1/completions": st.fixed_dictionaries({}, optional=_COMPLETION),
-    "/v1/chat/completions": st.fixed_dictionaries({}, optional=_CHAT),
+    "/v1/completions": st.fixed_dictionaries({"prompt": _COMPLETION.pop("prompt")}, optional=_COMPLETION),
+    "/v1/chat/completions": st.fixed_dictionaries({"messages": _CHAT.pop("messages")}, optional=_CHAT),
 }
 _RAW = (
     st.binary(max_size=64) | st.just(b'{"prompt": "\\ud800"}') | _json.map(lambda v: json.dumps(v).encode())

@@ -170,7 +170,10 @@ class Completions:
         kind, value = constraint
         param = "structured_outputs" if body.structured_outputs is not None else "response_format"
         try:
-            return getattr(self.grammars, kind)(value)
+            return dict(
+                json_schema=self.grammars.json_schema, regex=self.grammars.regex, grammar=self.grammars.lark,
+                choice=self.grammars.choice,
+            )[kind](value)  # fmt: skip
         except UserError as e:
             raise bad_request(str(e), param) from None
 
