@@ -7,13 +7,16 @@ some strings) masks each step's tokens to those that keep the output inside it, 
     allowed = matcher.allowed()                                   # (V,) bool
     matcher.accept(token)
 
-Why llguidance (benchmarks/structured_masks.py, the dev VM, demo's 4,096-token and the default 8,192-token
-vocabularies): its masks cost a few microseconds per token here (p50 3-4 µs, p95 ~50 µs), as xgrammar's
-(4-5 µs, p95 ~10 µs) and outlines-core's (4-7 µs, p95 140-265 µs) — all three under 1/100 of a demo decode
-step — but it compiles a grammar lazily (a JSON schema in ~1-4 ms, against outlines-core's index of the
-whole regular language, 190-315 ms), takes Lark grammars besides JSON schemas and regular expressions, and
-needs nothing else installed (xgrammar's requirements pull triton). The mask is computed on the loop's
-thread, per row, when the row's token is picked.
+Why llguidance: measured (benchmarks/structured_masks.py: random walks through a JSON schema, the dev VM
+under load ~5.4, commit 0e7bc82), the mask costs per token at the demo's 4,100-token vocabulary / the default
+8,192: llguidance mean 60 / 76 µs (p50 22 / 20), xgrammar 19 / 22 (p50 6 / 5), outlines-core 59 / 98 (p50
+2 / 2, p95 138 / 277); against a demo decode step of ~4 ms every one is under 2 %. xgrammar is the fastest,
+but its requirements pull triton (a GPU compiler) into a CPU install; outlines-core builds an index of the
+whole regular language before the first token (125 / 229 ms for this schema, growing with it) and takes no
+context-free grammar; llguidance compiles lazily (43 / 79 ms with its tokenizer view, built once), takes
+Lark grammars besides JSON schemas and regular expressions, and needs nothing else installed. The mask is
+computed on the loop's thread, per row, when the row's token is picked (benchmarks/structured_output.py
+measures it inside the engine).
 """
 
 from __future__ import annotations
@@ -97,19 +100,21 @@ class Grammar:
     """A checked grammar; `matcher()` starts a request's walk through it."""
 
     def __init__(self, ll_tokenizer: Any, grammar: str, vocab_size: int) -> None:
-        self._ll_tokenizer, self._grammar, self.vocab_size = ll_tokenizer, grammar, vocab_size
+        from llguidance import LLMatcher
+
+        # requests copy one matcher at the start: the copies share its lexer, whose states llguidance builds
+        # as they are first reached (a fresh matcher per request rebuilt them: ~2x the mean mask cost)
+        self._start, self.vocab_size = LLMatcher(ll_tokenizer, grammar), vocab_size
 
     def matcher(self) -> Matcher:
-        return Matcher(self._ll_tokenizer, self._grammar, self.vocab_size)
+        return Matcher(self._start.deep_copy(), self.vocab_size)
 
 
 class Matcher:
     """One request's position in its grammar."""
 
-    def __init__(self, ll_tokenizer: Any, grammar: str, vocab_size: int) -> None:
-        from llguidance import LLMatcher
-
-        self._m, self.vocab_size = LLMatcher(ll_tokenizer, grammar), vocab_size
+    def __init__(self, ll_matcher: Any, vocab_size: int) -> None:
+        self._m, self.vocab_size = ll_matcher, vocab_size
         self._check()
 
     def allowed(self) -> torch.Tensor:
