@@ -5,6 +5,7 @@ checkpoint, in one run (SPEC §8: a benchmark, never a test).
     python benchmarks/serve_load.py --checkpoint runs/demo --compare-hf --json benchmarks/results/X.json
     python benchmarks/serve_load.py --checkpoint runs/demo --compare-hf continuous-batching   # one mode
     python benchmarks/serve_load.py --checkpoint runs/mtp --speculative          # also ours --speculative
+    python benchmarks/serve_load.py --checkpoint runs/chat --workload chat       # 4-turn chats, prefix cache
 
 `--compare-hf` runs `transformers serve` (needs `accelerate`) in its default mode (one request at a time) and
 with `--continuous-batching` (paged attention), each on the same export. `--speculative` also runs our
@@ -18,6 +19,12 @@ over the wall time from the first send to the last end. The same N requests are 
 our server (the batching gain). Servers run as subprocesses on 127.0.0.1, one measured at a time (the other
 idles); rounds alternate the servers and each figure is the median over rounds. The load average is printed
 before and after: figures taken on a busy machine say so.
+
+`--workload chat`: each client holds a --turns-turn conversation (/v1/chat/completions, streamed, greedy,
+--max-tokens per answer; a system message, then one question per turn, each turn re-sending the history
+with the answers so far), the N clients at once; the same against our server with its prefix cache (the
+default) and with `--prefix-cache-mb 0`, rounds alternating. Reported: the time to first token of each turn
+(median over clients and rounds) and, for the later turns, with the cache over without.
 """
 
 from __future__ import annotations
@@ -57,6 +64,24 @@ PROMPTS = [
     "Wait until the thread terminates.",
     "Raised when an operation or function is applied to an object of inappropriate type.",
 ]
+
+
+# a chat's system message and each conversation's questions (the instruction set's kind)
+SYSTEM = (
+    "You answer questions about the Python standard library: what a module, a class or a function is for, "
+    "what arguments it takes and what it returns. Answer in one or two sentences, name the module, and say "
+    "when a function is deprecated or has a faster alternative."
+)
+CHAT_TURNS = [
+    ["What is the `json` module for?", "What does `json.dumps` do?", "What arguments does it take?",
+     "Which module provides `loads`?"],
+    ["What is `collections.deque`?", "Which methods does it have?", "What does `appendleft` do?",
+     "What is the `collections` module for?"],
+    ["What does `os.path.join` do?", "What is its signature?", "What does `os.path.exists` do?",
+     "Which module provides `getcwd`?"],
+    ["What is the `re` module for?", "What does `re.compile` do?", "How do I call `re.sub`?",
+     "What is `re.Match`?"],
+]  # fmt: skip
 
 
 class Server:
@@ -119,6 +144,84 @@ async def _sequential(server: Server, prompts: list[str], max_tokens: int) -> li
         return [await _one(client, server, p, max_tokens) for p in prompts]
 
 
+async def _conversation(client: httpx.AsyncClient, server: Server, questions: list[str], max_tokens: int):
+    """One client's chat, turn by turn -> per turn the time to first token (s) and the tokens generated."""
+    messages, turns = [{"role": "system", "content": SYSTEM}], []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        body = dict(model=server.model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True})  # fmt: skip
+        sent, first, text, usage = time.perf_counter(), None, [], {}
+        async with client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                raise SystemExit(f"{server.name}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                piece = "".join(
+                    (c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or []
+                )
+                if piece and first is None:
+                    first = time.perf_counter()
+                text.append(piece)
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        turns.append(dict(ttft=(first or time.perf_counter()) - sent, tokens=usage.get("completion_tokens", 0),
+                          prompt=usage.get("prompt_tokens", 0), cached=cached))  # fmt: skip
+        messages.append({"role": "assistant", "content": "".join(text)})
+    return turns
+
+
+async def _chats(server: Server, n: int, turns: int, max_tokens: int, tag: str) -> list[list[dict]]:
+    talks = [CHAT_TURNS[i % len(CHAT_TURNS)][:turns] for i in range(n)]
+    # each conversation its own history (nothing cached from another round or client): the first question
+    # is tagged with the round and the client
+    talks = [[f"({tag}.{i + 1}) {t[0]}", *t[1:]] for i, t in enumerate(talks)]
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=n + 4)) as client:
+        return await asyncio.gather(*(_conversation(client, server, t, max_tokens) for t in talks))
+
+
+def _chat_workload(args, env) -> int:
+    info = _info(args)
+    servers = [_start_ours(args, env), _start_ours(args, env, extra=["--prefix-cache-mb", "0"])]
+    servers[1].name = "deepseek-lm serve --prefix-cache-mb 0"
+    results: dict[str, list] = {}
+    try:
+        for s in servers:
+            asyncio.run(_chats(s, 2, 1, 8, "warm-up"))
+        for r in range(args.rounds):
+            for n in args.clients:
+                for s in servers:
+                    talks = asyncio.run(_chats(s, n, args.turns, args.max_tokens, f"{r}.{n}"))
+                    results.setdefault(f"{s.name} | {n}", []).extend(talks)
+            print(f"round {r + 1}/{args.rounds} done · load {os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        for s in servers:
+            s.stop()
+    info["load_after"] = os.getloadavg()
+    table = {
+        key: [dict(ttft_p50=statistics.median(t[k]["ttft"] for t in talks),
+                   prompt=statistics.median(t[k]["prompt"] for t in talks),
+                   cached=statistics.median(t[k]["cached"] for t in talks)) for k in range(args.turns)]
+        for key, talks in results.items()
+    }  # fmt: skip
+    print(f"\n{'server | clients':<48}" + "".join(f"{'turn ' + str(k + 1):>22}" for k in range(args.turns)))
+    print(f"{'':<48}" + "".join(f"{'TTFT ms (prompt/cached)':>22}" for _ in range(args.turns)))
+    for key, turns in table.items():
+        cells = [f"{1e3 * t['ttft_p50']:.1f} ({t['prompt']:.0f}/{t['cached']:.0f})" for t in turns]
+        print(f"{key:<48}" + "".join(f"{c:>22}" for c in cells))
+    for n in args.clients:
+        on, off = table[f"{servers[0].name} | {n}"], table[f"{servers[1].name} | {n}"]
+        ratios = [a["ttft_p50"] / b["ttft_p50"] for a, b in zip(on[1:], off[1:])]
+        print(f"{n} clients, turns 2-{args.turns}: TTFT with the prefix cache / without: "
+              + ", ".join(f"{x:.2f}x" for x in ratios))  # fmt: skip
+    print(f"load average before {info['load_before'][0]:.2f}, after {info['load_after'][0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(info=info, results=table, raw=results), indent=2) + "\n")
+    return 0
+
+
 def _summary(results: list[dict]) -> dict:
     start, end = min(r["sent"] for r in results), max(r["end"] for r in results)
     ttft = [r["times"][0] - r["sent"] for r in results if r["times"]]
@@ -161,10 +264,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ours(args, env, speculative: bool = False) -> Server:
+def _start_ours(args, env, speculative: bool = False, extra: list[str] = ()) -> Server:
     port = _free_port()
     cmd = [sys.executable, "-m", "deepseek_lm", "serve", "--checkpoint", args.checkpoint, "--port", str(port),
-           "--max-batch-size", str(args.max_batch_size), "--model-name", "ours", "--max-queue", "256"]  # fmt: skip
+           "--max-batch-size", str(args.max_batch_size), "--model-name", "ours", "--max-queue", "256",
+           "--prefill-chunk", str(args.prefill_chunk), *extra]  # fmt: skip
     name = "deepseek-lm serve"
     if args.compile:
         cmd.append("--compile")
@@ -201,19 +305,18 @@ def main() -> int:
         "--compare-hf", nargs="*", choices=["default", "continuous-batching"], default=None,
         help="also `transformers serve` on our HF export, in these modes (none given: both)",
     )  # fmt: skip
+    p.add_argument("--prefill-chunk", type=int, default=256, help="our servers' --prefill-chunk")
+    p.add_argument("--workload", choices=["completions", "chat"], default="completions")
+    p.add_argument("--turns", type=int, default=4, help="--workload chat: turns per conversation")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.workload == "chat":
+        return _chat_workload(args, env)
     prompts = (PROMPTS * (max(args.clients) // len(PROMPTS) + 1))[: max(args.clients)]
-    info = dict(
-        commit=_commit(), date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.processor() or platform.machine(),
-        cpus=os.cpu_count(), threads=args.threads or "default", load_before=os.getloadavg(),
-        max_tokens=args.max_tokens, rounds=args.rounds, checkpoint=args.checkpoint,
-        draft_tokens=args.draft_tokens if args.speculative else None,
-    )  # fmt: skip
-    print(" · ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    info = _info(args)
     servers = [_start_ours(args, env)]
     if args.speculative:
         servers.append(_start_ours(args, env, speculative=True))
@@ -253,6 +356,17 @@ def main() -> int:
             json.dumps(dict(info=info, results=table, rounds=results), indent=2) + "\n"
         )
     return 0
+
+
+def _info(args) -> dict:
+    info = dict(
+        commit=_commit(), date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.processor() or platform.machine(),
+        cpus=os.cpu_count(), threads=args.threads or "default", load_before=os.getloadavg(),
+        max_tokens=args.max_tokens, rounds=args.rounds, checkpoint=args.checkpoint, workload=args.workload,
+        prefill_chunk=args.prefill_chunk, draft_tokens=args.draft_tokens if args.speculative else None,
+    )  # fmt: skip
+    print(" · ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    return info
 
 
 def _print(table: dict, info: dict, args) -> None:

@@ -56,6 +56,7 @@ from deepseek_lm.generate.logits_processing import (
     log_softmax,
     token_logprobs,
 )
+from deepseek_lm.generate.prefix_cache import PrefixCache
 from deepseek_lm.generate.sampling import SamplingConfig, argmax, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
 from deepseek_lm.model.decode import _KV_CHUNK, Decoder
@@ -117,6 +118,7 @@ class Request:
         self.prompt_ids, self.params = prompt_ids, params
         self.created = time.monotonic()
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens whose latents came from the prefix cache
         self.drafted = self.accepted = 0  # draft tokens verified and accepted (speculative engines)
         self.finish_reason: str | None = None
         self._queue: queue.SimpleQueue[Event] | None = None if sink else queue.SimpleQueue()
@@ -124,6 +126,7 @@ class Request:
         self._cancelled = False
         # the loop's state: tokens prefilled, the next token to feed and its position
         self._prefilled = 0
+        self._looked_up = False  # in the prefix cache
         self._next_id = 0
         self._pos = 0
         self._generator: torch.Generator | None = None
@@ -172,7 +175,10 @@ class BatchEngine:
         prefill_chunk: int = 256,
         context_length: int | None = None,
         compile: bool = False,
+        prefix_cache_bytes: int = 0,
     ) -> None:
+        """`prefix_cache_bytes`: keep up to this many bytes of recent prompts' latents, chunk by chunk, and
+        start a prompt that begins the same way after them (prefix_cache.py; 0: off)."""
         cfg = model.config
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise UserError(
@@ -188,6 +194,7 @@ class BatchEngine:
             (i for i in (cfg.pad_token_id, special.get("pad"), self.eos_token_id) if i is not None), 0
         )
         self._device = next(model.parameters()).device
+        self.prefix_cache = PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._build()
         self._rows: list[Request] = []  # decoding, in cache slots 0..n-1
         self._prefilling: collections.deque[Request] = collections.deque()  # admitted: a slot is theirs
@@ -338,6 +345,11 @@ class BatchEngine:
         budget = self.prefill_chunk  # prompt tokens this iteration: whole chunks, at least one
         while self._prefilling:
             request = self._prefilling[0]
+            if not request._looked_up:
+                request._looked_up = True
+                self._guarded([request], self._restore_prefix, request)
+                if request.done:
+                    continue
             start = request._prefilled
             # chunks at fixed offsets from the prompt's start: its numbers never depend on the queue
             end = min((start // self.prefill_chunk + 1) * self.prefill_chunk, request.prompt_tokens)
@@ -368,10 +380,20 @@ class BatchEngine:
             self._release(request)
             self._finish(request, "cancelled")
 
+    def _restore_prefix(self, request: Request) -> None:
+        """Start the prompt after its leading chunks that the prefix cache holds (a scored prompt needs
+        every position's state: it is prefilled whole)."""
+        if self.prefix_cache is None or request.params.prompt_logprobs is not None:
+            return
+        n = self.prefix_cache.restore(request.prompt_ids, [kv[0] for kv in self._staging.kv])
+        request._prefilled = request.cached_tokens = n
+
     def _prefill(self, request: Request, start: int, end: int) -> None:
         scored = request.params.prompt_logprobs is not None
         hidden = self._prefill_chunk(request, start, end, every_state=scored)  # (1, D), scored: (1, T, D)
         request._prefilled = end
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(request.prompt_ids, end, [kv[0] for kv in self._staging.kv])
         if scored:
             self._score_prompt(request, self.decoder.logits(hidden)[0], start, end)
             hidden = hidden[:, -1]

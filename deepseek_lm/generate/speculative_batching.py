@@ -71,6 +71,11 @@ class SpeculativeBatchEngine(BatchEngine):
                 "--compile is not supported with --speculative: speculative serving runs the batch-invariant "
                 "eager decoder; leave out one of them"
             )
+        if options.get("prefix_cache_bytes"):
+            raise UserError(
+                "prefix caching is not supported with --speculative (the MTP module's cache would need it "
+                "too): leave out one of them"
+            )
         self.draft_tokens = draft_tokens
         super().__init__(model, tokenizer, **options)
 

@@ -43,7 +43,7 @@ def create_app(
 ) -> FastAPI:
     """`chat_format`: a `deepseek_lm.data.chat.ChatFormat` for /v1/chat/completions (None: the route answers
     400). The engine is closed when the app shuts down."""
-    metrics = Metrics(engine.stats)
+    metrics = Metrics(engine.stats, engine.prefix_cache.stats if engine.prefix_cache is not None else None)
     server = Completions(engine, model_name, metrics, chat_format)
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

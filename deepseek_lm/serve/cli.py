@@ -44,6 +44,13 @@ def _parser() -> ArgumentParser:
     p.add_argument("--model-name", type=str | None, default=None, help="the model's id in the API")
     p.add_argument("--context-length", type=int | None, default=None, help="default: the model's context")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled between steps")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=64,
+        help="memory for recent prompts' latent caches, reused by prompts that start the same way (a "
+        "conversation's history), chunk by chunk; 0: off (and always off with --speculative)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (~20 s per shape)")
     p.add_argument(
         "--speculative",
@@ -59,10 +66,10 @@ def _parser() -> ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parse_args(_parser(), argv)
     api_key = args.api_key if args.api_key is not None else os.environ.get("DEEPSEEK_LM_API_KEY") or None
-    if args.max_batch_size < 1 or args.max_queue < 0 or args.prefill_chunk < 1:
+    if args.max_batch_size < 1 or args.max_queue < 0 or args.prefill_chunk < 1 or args.prefix_cache_mb < 0:
         raise UserError(
-            "need --max-batch-size >= 1, --max-queue >= 0 and --prefill-chunk >= 1 "
-            f"(got {args.max_batch_size}, {args.max_queue}, {args.prefill_chunk})"
+            "need --max-batch-size >= 1, --max-queue >= 0, --prefill-chunk >= 1 and --prefix-cache-mb >= 0 "
+            f"(got {args.max_batch_size}, {args.max_queue}, {args.prefill_chunk}, {args.prefix_cache_mb})"
         )
     if args.speculative and (args.compile or args.draft_tokens < 1):
         raise UserError(
@@ -123,6 +130,8 @@ def _engine(args):
         context_length=args.context_length,
         compile=args.compile,
     )
+    if not args.speculative:
+        options["prefix_cache_bytes"] = int(args.prefix_cache_mb * 2**20)
     if args.speculative:
         from deepseek_lm.generate.speculative_batching import SpeculativeBatchEngine
 

@@ -260,7 +260,10 @@ class _Stream:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(c.request.completion_tokens for c in self.choices)
         if not self.server.engine.draft_tokens:
-            return P.usage(prompt, completion)
+            cached = None
+            if self.server.engine.prefix_cache is not None:  # each prompt once: its first choice's
+                cached = sum(c.request.cached_tokens for c in self.choices[:: self.body.n])
+            return P.usage(prompt, completion, cached=cached)
         drafted, accepted = (
             sum(getattr(c.request, k) for c in self.choices) for k in ("drafted", "accepted")
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # seconds; a CPU serves first tokens in tens of milliseconds to seconds, next tokens in milliseconds
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -12,9 +13,14 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self, engine_stats: Callable[[], dict[str, int]], prefix_cache: Callable[[], dict] | None = None
+    ) -> None:
+        """`prefix_cache`: the engine's prefix cache's `stats` (None: no cache, no series)."""
         self.registry = CollectorRegistry()
         r = self.registry
+        if prefix_cache is not None:
+            r.register(_PrefixCacheCollector(prefix_cache))
         self.requests = Counter(
             "deepseek_lm_requests", "HTTP API requests by endpoint and status code", ["endpoint", "status"],
             registry=r,
@@ -44,3 +50,26 @@ class Metrics:
         running.set_function(lambda: engine_stats()["running"])
         prefilling = Gauge("deepseek_lm_prefilling_requests", "requests being prefilled", registry=r)
         prefilling.set_function(lambda: engine_stats()["prefilling"])
+
+
+class _PrefixCacheCollector:
+    """The prefix cache's counters, read from the engine when /metrics is scraped."""
+
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats()
+        for name, key, doc in (
+            ("queries", "queries", "prompts looked up in the prefix cache"),
+            ("hits", "hits", "prompts that reused cached chunks"),
+            ("query_tokens", "query_tokens", "prompt tokens looked up in the prefix cache"),
+            ("hit_tokens", "hit_tokens", "prompt tokens whose latents came from the prefix cache"),
+        ):
+            yield CounterMetricFamily(f"deepseek_lm_prefix_cache_{name}", doc, value=s[key])
+        yield GaugeMetricFamily(
+            "deepseek_lm_prefix_cache_bytes", "bytes the prefix cache holds", value=s["bytes"]
+        )
+        yield GaugeMetricFamily(
+            "deepseek_lm_prefix_cache_blocks", "chunks the prefix cache holds", value=s["blocks"]
+        )

@@ -213,14 +213,23 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, drafted: int | None = None, accepted: int = 0) -> dict:
-    """OpenAI's usage; a speculative server's (drafted not None) adds the extension `speculative`: draft
-    tokens verified, of them accepted, and their ratio (null before any round)."""
+def usage(
+    prompt_tokens: int,
+    completion_tokens: int,
+    drafted: int | None = None,
+    accepted: int = 0,
+    cached: int | None = None,
+) -> dict:
+    """OpenAI's usage, with `prompt_tokens_details.cached_tokens` (prompt tokens the prefix cache served)
+    when the server caches prefixes; a speculative server's (drafted not None) adds the extension
+    `speculative`: draft tokens verified, of them accepted, and their ratio (null before any round)."""
     out: dict = dict(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
     )
+    if cached is not None:
+        out["prompt_tokens_details"] = dict(cached_tokens=cached)
     if drafted is not None:
         rate = round(accepted / drafted, 4) if drafted else None
         out["speculative"] = dict(drafted_tokens=drafted, accepted_tokens=accepted, acceptance_rate=rate)
