@@ -212,6 +212,8 @@ BAD_REQUESTS = [
     ("n times prompts beyond the server", {"prompt": ["x"] * 3, "n": 16}, {}, 400, "ever holds"),
     ("max_tokens 0 without echo", {"prompt": "x", "max_tokens": 0}, {}, 400, "needs echo"),
     ("a logit_bias key that is no token", {"prompt": "x", "logit_bias": {"abc": 5}}, {}, 400, "logit_bias"),
+    ("a logit_bias key of other digits", {"prompt": "x", "logit_bias": {"²": 5}}, {}, 400, "logit_bias"),
+    ("a logit_bias of NaN", b'{"prompt": "x", "logit_bias": {"5": NaN}}', {}, 400, "logit_bias.5"),
     (
         "a logit_bias token outside the vocabulary",
         {"prompt": "x", "logit_bias": {"99999": 5}},

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import sys
 import time
 import traceback
@@ -152,7 +153,7 @@ class Completions:
     def _processing(self, body: Any) -> Processing:
         vocab, bias = self.engine.model.config.vocab_size, {}
         for key, value in (body.logit_bias or {}).items():
-            token = int(key) if key.strip().lstrip("-").isdigit() and len(key) < 12 else None
+            token = int(key) if re.fullmatch(r"\s*-?[0-9]{1,10}\s*", key) else None  # ASCII digits only
             if token is None or not 0 <= token < vocab:
                 raise bad_request(
                     f"logit_bias keys must be token ids in [0, {vocab}) written as strings, got {key[:40]!r}",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
@@ -85,7 +85,8 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)  # extension, as vLLM: 1 = off
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias; values clamped to ±100
+    # token id (as a string) -> bias; values clamped to ±100
+    logit_bias: dict[str, Annotated[float, Field(allow_inf_nan=False)]] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # extension, as vLLM
     user: str | None = None
