@@ -27,6 +27,11 @@ generator. So greedy output, and sampled output with a `seed`, is the same alone
 (tests/test_batching.py). The one exception is `compile=True`: compiled kernels are picked per batch shape
 (rows rounded up to a power of 2, the whole context attended), and rows may round differently there.
 
+Each row's logits pass through its request's processing (logits_processing.py: logit bias, penalties, a
+structured-output grammar's mask) before sampling; log-probabilities are read off the model's logits. A
+prompt's leading chunks may come from the prefix cache (prefix_cache.py), bitwise what its prefill
+computes. Every request is answered: a fault in one request's work fails that request alone (`_guarded`).
+
 `SpeculativeBatchEngine` (speculative_batching.py) runs the same loop with speculative rounds instead of
 one-token steps, through the hooks below (`_build`, `_warm_up`, `_prefill_chunk`, `_join`, `_decode_step`,
 `_move_row`, `_attended`).
@@ -99,9 +104,8 @@ class Event:
     error: str | None = None
     logits: torch.Tensor | None = None  # (V,) fp32, with Params.output_logits
     logprobs: list[TokenLogprobs] | None = None  # one per token id, with Params.logprobs
-    prompt_logprobs: list[TokenLogprobs] | None = (
-        None  # prompt tokens 1.., first event, Params.prompt_logprobs
-    )
+    # prompt tokens 1.. (each given the ones before), on the first event, with Params.prompt_logprobs
+    prompt_logprobs: list[TokenLogprobs] | None = None
     # speculative engines, on the first event of each round of the request: drafts verified, of them accepted
     drafted: int = 0
     accepted: int = 0
