@@ -7,13 +7,13 @@ some strings) masks each step's tokens to those that keep the output inside it, 
     allowed = matcher.allowed()                                   # (V,) bool
     matcher.accept(token)
 
-Why llguidance: measured (benchmarks/structured_masks.py: random walks through a JSON schema, the dev VM
-under load ~5.4, commit 0e7bc82), the mask costs per token at the demo's 4,100-token vocabulary / the default
-8,192: llguidance mean 60 / 76 µs (p50 22 / 20), xgrammar 19 / 22 (p50 6 / 5), outlines-core 59 / 98 (p50
-2 / 2, p95 138 / 277); against a demo decode step of ~4 ms every one is under 2 %. xgrammar is the fastest,
+Why llguidance: measured (benchmarks/structured_masks.py: random walks through a JSON schema, the dev VM at
+load ~4.2, commit a2b7552), the mask costs per token at the demo's 4,100-token vocabulary / the default
+8,192: llguidance mean 34 / 70 µs (p50 12 / 17), xgrammar 12 / 8 (p50 5 / 5), outlines-core 53 / 80 (p50
+2 / 2, p95 139 / 281); against a demo decode step of ~4 ms every one is under 2 %. xgrammar is the fastest,
 but its requirements pull triton (a GPU compiler) into a CPU install; outlines-core builds an index of the
-whole regular language before the first token (125 / 229 ms for this schema, growing with it) and takes no
-context-free grammar; llguidance compiles lazily (43 / 79 ms with its tokenizer view, built once), takes
+whole regular language before the first token (120 / 219 ms for this schema, growing with it) and takes no
+context-free grammar; llguidance compiles lazily (34 / 71 ms with its tokenizer view, built once), takes
 Lark grammars besides JSON schemas and regular expressions, and needs nothing else installed. The mask is
 computed on the loop's thread, per row, when the row's token is picked (benchmarks/structured_output.py
 measures it inside the engine).
