@@ -52,6 +52,7 @@ class RowProcessor:
         self, processing: Processing, prompt_ids: list[int], vocab_size: int, grammar: Any = None
     ) -> None:
         self.processing, self.grammar = processing, grammar
+        self.active = processing.active or grammar is not None  # read per row and step: an attribute
         p = processing
         self._counts = torch.zeros(vocab_size) if (p.presence or p.frequency or p.repetition != 1.0) else None
         self._in_prompt = None
@@ -62,10 +63,6 @@ class RowProcessor:
         if p.bias:
             self._bias = torch.zeros(vocab_size)
             self._bias[torch.tensor(list(p.bias))] = torch.tensor(list(p.bias.values()))
-
-    @property
-    def active(self) -> bool:
-        return self.processing.active or self.grammar is not None
 
     def __call__(self, logits_V: torch.Tensor) -> torch.Tensor:
         """(V,) the decoder's logits -> (V,) fp32 the logits sampling draws from (a new tensor)."""
@@ -87,6 +84,8 @@ class RowProcessor:
 
     def accept(self, token: int) -> None:
         """The row's next token: counted for the penalties, consumed by the grammar."""
+        if not self.active:
+            return
         if self._counts is not None:
             self._counts[token] += 1
         if self.grammar is not None:
