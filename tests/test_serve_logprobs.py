@@ -217,3 +217,24 @@ def test_logprobs_penalties_and_bias_are_the_same_alone_and_in_a_full_batch(serv
     for t in threads:
         t.join(60)
     assert together == alone
+
+
+def test_every_new_parameter_through_the_openai_client(server):
+    """The official client sends each parameter as the server reads it: the same answers as plain HTTP."""
+    client = server.client()
+    token = server.engine.encode("def")[-1]
+    kw = dict(
+        prompt="The", max_tokens=12, temperature=0, presence_penalty=0.5, frequency_penalty=0.3,
+        logit_bias={str(token): 3.0}, logprobs=2,
+    )  # fmt: skip
+    via_client = client.completions.create(model="tiny", extra_body={"repetition_penalty": 1.2}, **kw)
+    plain = _complete(server, repetition_penalty=1.2, **kw)["choices"][0]
+    assert via_client.choices[0].text == plain["text"]
+    assert via_client.choices[0].logprobs.token_logprobs == plain["logprobs"]["token_logprobs"]
+    scored = client.completions.create(model="tiny", prompt="The cat", max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].text == "The cat" and scored.usage.completion_tokens == 0
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
+        presence_penalty=1.0, frequency_penalty=0.5, logit_bias={str(token): 2.0}, logprobs=True,
+    )  # fmt: skip
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
