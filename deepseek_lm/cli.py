@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("deepseek_lm.data.cli:main", "tokenise a corpus into memory-mapped token files"),
     "train": ("deepseek_lm.train.cli:main", "train a model (no arguments: the built-in demo)"),
     "finetune": ("deepseek_lm.train.finetune_cli:main", "fine-tune a checkpoint on conversations (chat SFT)"),
+    "rl": ("deepseek_lm.rl.cli:main", "reinforcement learning with verifiable rewards (GRPO)"),
     "generate": ("deepseek_lm.generate.cli:main_generate", "sample text from a checkpoint"),
     "eval": ("deepseek_lm.generate.cli:main_eval", "loss, perplexity and bits per byte of a checkpoint"),
     "export": ("deepseek_lm.interop.cli:main_export", "export a checkpoint (Hugging Face or GGUF format)"),

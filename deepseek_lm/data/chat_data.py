@@ -138,10 +138,14 @@ def dataset_conversations(
 
 @dataclass
 class ChatPrepareConfig:
-    """What `prepare --chat` prepares: the built-in instruction set, chat JSONL files, or a dataset."""
+    """What `prepare --chat` prepares: the built-in instruction set, chat JSONL files, a dataset, or the
+    built-in verifiable tasks' questions with their reference answers (data/tasks.py)."""
 
     out: str | None = None  # default for the built-in set: data_cache/chat
     data: list[str] | None = None  # chat .jsonl files (directories and globs of them)
+    tasks: list[str] | None = (
+        None  # built-in tasks (module, signature, functions, arithmetic), split as they are
+    )
     dataset: str | None = None
     dataset_config: str | None = None
     dataset_split: str = "train"
@@ -152,8 +156,8 @@ class ChatPrepareConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
-        if self.data and self.dataset:
-            raise DataError("give --data or --dataset, not both")
+        if sum(map(bool, (self.data, self.dataset, self.tasks))) > 1:
+            raise DataError("give one of --data, --dataset and --task")
         if not 0.0 < self.val_fraction < 1.0:
             raise DataError(f"--val-fraction {self.val_fraction}: must lie strictly between 0 and 1")
 
@@ -258,7 +262,7 @@ def prepare_chat(cfg: ChatPrepareConfig) -> ChatDir:
 
 
 def _default_out(cfg: ChatPrepareConfig) -> Path:
-    if cfg.data or cfg.dataset:
+    if cfg.data or cfg.dataset or cfg.tasks:
         raise DataError("--out DIR is required with --data or --dataset")
     return default_chat_dir()
 
@@ -288,6 +292,15 @@ def _chat_source(cfg: ChatPrepareConfig):
 
         return f"hf: {cfg.dataset}", inputs, read_dataset
     from deepseek_lm.data.instructions import INSTRUCTIONS_VERSION, instruction_set
+
+    if cfg.tasks:
+        from deepseek_lm.data import tasks as T
+
+        names = T.check_tasks(cfg.tasks)
+        inputs = {**src.builtin_fingerprint(), "instructions": INSTRUCTIONS_VERSION, "tasks": names,
+                  "arithmetic_max": T.ARITHMETIC_MAX}  # fmt: skip
+        read_tasks = lambda: ({s: T.task_conversations(names, s) for s in SPLITS}, "the tasks' own split")  # noqa: E731
+        return f"built-in tasks: {', '.join(names)}", inputs, read_tasks
 
     source = f"builtin: Python {sys.version.split()[0]} standard-library instruction set"
     inputs = {**src.builtin_fingerprint(), "instructions": INSTRUCTIONS_VERSION}

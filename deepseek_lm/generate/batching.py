@@ -20,7 +20,8 @@ Each iteration of the loop (a thread):
 Running streams therefore wait at most one prefill chunk (~40 ms of a 2-core CPU at 256 tokens, seed
 preset) per new prompt.
 
-A request's output is its own: the decoder is built once, batch-invariant (model/decode.py: a row's logits
+A request's output is its own: the decoder is built once (again only when the model's weights changed while
+nothing was decoding: `_follow_weights`), batch-invariant (model/decode.py: a row's logits
 are bitwise the same whatever rows share the step and whatever attended length), a step attends to a
 length rounded up to the decoder's attention slice, and sampling reads only the row's logits and
 generator. So greedy output, and sampled output with a `seed`, is the same alone or in a full batch
@@ -64,7 +65,7 @@ from deepseek_lm.generate.logits_processing import (
 from deepseek_lm.generate.prefix_cache import PrefixCache
 from deepseek_lm.generate.sampling import SamplingConfig, argmax, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
-from deepseek_lm.model.decode import _KV_CHUNK, Decoder
+from deepseek_lm.model.decode import _KV_CHUNK, Decoder, weights_stamp
 from deepseek_lm.model.prefill import Prefill, fill
 
 
@@ -200,6 +201,7 @@ class BatchEngine:
         self._device = next(model.parameters()).device
         self.prefix_cache = PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._build()
+        self._stamp = weights_stamp(model)
         self._rows: list[Request] = []  # decoding, in cache slots 0..n-1
         self._prefilling: collections.deque[Request] = collections.deque()  # admitted: a slot is theirs
         self._waiting: collections.deque[Request] = collections.deque()
@@ -335,14 +337,26 @@ class BatchEngine:
                         self._lock.wait()
                     if self._closing:
                         break
+                    idle = not (self._prefilling or self._rows)
                     while self._waiting and self._free_slots() > 0:
                         self._prefilling.append(self._waiting.popleft())
                 try:
+                    if idle:
+                        self._follow_weights()
                     self._iteration()
                 except Exception as e:  # a bug in the loop's own bookkeeping: fail what holds a slot
                     traceback.print_exc(file=sys.stderr)
                     self._fail([*self._rows, *self._prefilling], _internal(e))
         self._fail_all(self._closing, waiting=True)
+
+    def _follow_weights(self) -> None:
+        """Between bursts of requests (nothing decoding), rebuild the decoder, prefill and caches if the
+        model's weights changed since they were built (`weights_stamp`): a policy that trains between
+        rollouts (rl/) is sampled with its current weights. ~45 ms on the seed preset, only after a change."""
+        stamp = weights_stamp(self.model)
+        if stamp is not None and stamp != self._stamp:
+            self._build()
+            self._stamp = stamp
 
     def _iteration(self) -> None:
         self._drop_cancelled()

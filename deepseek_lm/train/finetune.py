@@ -84,7 +84,7 @@ def finetune(
     if latest is not None:  # the run's own model, tokenizer, template and data
         config, tokenizer, template, state, to_prepare = *_from_run(latest, cfg), None, None
     else:
-        config, tokenizer, template, state = _from_base(checkpoint, cfg.vocab_multiple)
+        config, tokenizer, template, state = chat_base(checkpoint, cfg.vocab_multiple)
         to_prepare, chat_dir = _chat_data(data, out)
         cfg = replace(cfg, data_dir=str(chat_dir))
     if cfg.seq_len > config.max_position_embeddings:
@@ -114,7 +114,7 @@ def _from_run(latest: Path, cfg: TrainConfig) -> tuple[DeepSeekConfig, Any, str]
     return config, ckpt.load_tokenizer_file(latest), template
 
 
-def _from_base(checkpoint: str | Path | None, multiple: int) -> tuple[DeepSeekConfig, Any, str, dict]:
+def chat_base(checkpoint: str | Path | None, multiple: int) -> tuple[DeepSeekConfig, Any, str, dict]:
     """The base model grown to the chat tokenizer: (config, tokenizer, template, weights)."""
     if checkpoint is None:
         raise UserError("--checkpoint DIR is required: the model to fine-tune")
@@ -137,7 +137,9 @@ def _chat_data(
         return None, Path(data)
     data = data or ChatPrepareConfig()
     if data.out is None:
-        data = replace(data, out=str(out / "data" if data.data or data.dataset else default_chat_dir()))
+        data = replace(
+            data, out=str(out / "data" if data.data or data.dataset or data.tasks else default_chat_dir())
+        )
     return data, Path(data.out)
 
 

@@ -3,6 +3,7 @@
     deepseek-lm finetune --checkpoint runs/demo --out runs/chat                    the built-in instruction set
     deepseek-lm finetune --checkpoint runs/demo --data chats.jsonl --out runs/mine  OpenAI-style messages lines
     deepseek-lm finetune --checkpoint runs/demo --dataset NAME --out runs/hub       a dataset's messages column
+    deepseek-lm finetune --checkpoint runs/chat --task arithmetic --out runs/arith  a verifiable task's answers (rl)
     deepseek-lm finetune --out runs/chat --resume                                   continue (its own settings)
 
 Training settings are `--train.*` flags and YAML keys as for `train`, with fine-tuning's defaults
@@ -42,6 +43,11 @@ def build_parser(train_defaults: dict[str, Any]):
     p.add_argument(
         "--dataset", type=str | None, default=None, help="a Hugging Face dataset with a messages column"
     )
+    p.add_argument(
+        "--task", type=str | None, default=None,
+        help="built-in verifiable tasks' questions and answers, comma-separated (module, signature, functions, "
+        "arithmetic): the answer format to learn before `rl`",
+    )  # fmt: skip
     p.add_argument("--dataset-config", type=str | None, default=None, help="the dataset's configuration")
     p.add_argument("--dataset-split", type=str, default="train", help="the dataset's split")
     p.add_argument(
@@ -89,14 +95,15 @@ def main(argv: list[str]) -> int:
         ns, cfg = resolve(argv)
     except SystemExit as e:  # --help, --print_config
         return int(e.code or 0)
-    if ns.data and ns.dataset:
-        raise UserError("give --data or --dataset, not both")
+    if sum(map(bool, (ns.data, ns.dataset, ns.task))) > 1:
+        raise UserError("give one of --data, --dataset and --task")
     data: Any = None
     if ns.data and Path(ns.data).is_dir() and is_chat_dir(ns.data):
         data = ns.data
-    elif ns.data or ns.dataset:
+    elif ns.data or ns.dataset or ns.task:
         data = ChatPrepareConfig(
             data=[ns.data] if ns.data else None, dataset=ns.dataset, dataset_config=ns.dataset_config,
+            tasks=[t.strip() for t in ns.task.split(",") if t.strip()] if ns.task else None,
             dataset_split=ns.dataset_split, messages_field=ns.messages_field,
             max_conversations=ns.max_conversations, val_fraction=ns.val_fraction, split_seed=ns.split_seed,
         )  # fmt: skip

@@ -4,8 +4,12 @@ Per optimizer step every rank runs `grad_accum_steps` micro-batches (gradient al
 `no_sync` before), then one all-reduce of a small float64 vector carries the step's losses, the stop flag
 and the MoE router statistics, so every rank takes the same decisions (skip a non-finite step, stop) and
 updates the router biases from the same global token counts. With multi-token prediction the loss adds
-λ · the mean of the MTP depths' cross-entropies (λ from `mtp_weight`). Legend: L MoE layers (the MTP modules'
-last), E routed experts, K MTP depths.
+λ · the mean of the MTP depths' cross-entropies (λ from `mtp_weight`).
+
+What a step does and how it is evaluated and reported is the run's objective (`Trainer.objective`): next-token
+prediction (`NextTokenPrediction`, pretraining and fine-tuning) unless the run brings its own (rl/: GRPO). The
+loop around it (time budget, Ctrl-C, periodic evaluation, checkpoints, samples, logging) is the same.
+Legend: L MoE layers (the MTP modules' last), E routed experts, K MTP depths.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +38,7 @@ from deepseek_lm.train.monitor import (
     format_train,
     resource_usage,
 )
+from deepseek_lm.train.plots import plot_run
 from deepseek_lm.train.samples import format_samples, generate_samples
 from deepseek_lm.train.trainer import Trainer, full_model_state, save
 
@@ -55,6 +61,7 @@ class StepResult:
     mtp_top1_K: list[float] = field(default_factory=list)
     mtp_tokens_K: list[float] = field(default_factory=list)
     mtp_weight: float = 0.0  # λ of this step
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's own, averaged over a log window
 
 
 class StopSignal:
@@ -153,7 +160,16 @@ def _unpack(v: torch.Tensor, n_layers: int, n_experts: int, n_depths: int, n_mic
 
 
 def optimizer_step(t: Trainer) -> float | None:
-    """Unscale, clip, step; None (and no update) when the gradients are not finite."""
+    """Unscale, clip, step, then the schedule; None (and no update) when the gradients are not finite."""
+    norm = apply_gradients(t)
+    if norm is not None:
+        t.scheduler.step()
+    return norm
+
+
+def apply_gradients(t: Trainer) -> float | None:
+    """Unscale, clip, step (the schedule untouched: an objective may update several times per step); None
+    (and no update) when the gradients are not finite."""
     t.scaler.unscale_(t.optimizer)
     max_norm = t.cfg.grad_clip if t.cfg.grad_clip > 0 else math.inf
     norm = D.clip_grad_norm(t.raw_model, max_norm, t.ep)
@@ -163,7 +179,6 @@ def optimizer_step(t: Trainer) -> float | None:
     t.scaler.step(t.optimizer)
     t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
-    t.scheduler.step()
     return norm
 
 
@@ -297,7 +312,7 @@ def run_steps(
         over_time = t.dist.is_main and time.monotonic() > deadline  # rank 0's clock decides for all
         pausing = t.state.step + 1 >= pause_at
         budget_used = budget.set_lr() if budget is not None else False
-        result = train_step(t, stop.requested or over_time or pausing or budget_used)
+        result = objective(t).step(t, stop.requested or over_time or pausing or budget_used)
         if result.skipped:
             t.state.nonfinite_in_a_row += 1
             if t.dist.is_main:
@@ -334,11 +349,10 @@ def after_step(
 
 
 def log_window(t: Trainer, monitor: Monitor | None, window: Window, peak_flops: float | None) -> None:
-    record = window.record(t, peak_flops)
+    record = objective(t).train_record(t, window.record(t, peak_flops))
     if monitor is not None:
         monitor.log(record | resource_usage(monitor.process, t.device))
-        show_mfu = t.device.type == "cuda" or bool(t.cfg.peak_flops)
-        monitor.print(format_train(record, t.total_steps, show_mfu=show_mfu))
+        monitor.print(objective(t).train_line(t, record))
     window.reset()
 
 
@@ -347,13 +361,13 @@ def _due(step: int, every: int) -> bool:
 
 
 def run_eval(t: Trainer, monitor: Monitor | None, max_batches: int | None, *, save_if_best: bool) -> dict:
-    metrics = evaluate(t, max_batches)
+    metrics = objective(t).evaluate(t, max_batches)
     is_best = metrics["selection_loss"] < t.state.best_val_loss
     if is_best:
         t.state.best_val_loss = metrics["selection_loss"]
     if monitor is not None:
         monitor.log({"kind": "eval", "step": t.state.step, **metrics, "full": max_batches is None})
-        monitor.print(format_eval(metrics, t.data.manifest.get("xz_bits_per_byte"), t.state.step))
+        monitor.print(objective(t).eval_line(t, metrics))
     if save_if_best and (is_best or _due(t.state.step, t.cfg.save_every)):
         save(t, is_best=is_best)
     return metrics | {"is_best": is_best}
@@ -385,3 +399,68 @@ def plain_copy(t: Trainer, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         model = get_model(t.model_config, device=t.device)
     ckpt.load_model_weights(model, state, t.model_config, t.run_dir)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the objective
+
+
+class NextTokenPrediction:
+    """The objective of pretraining and fine-tuning, and the interface of every objective (rl/: GRPO):
+
+    step(t, stop_requested) -> StepResult      one optimizer step (updates t.state.step and tokens_seen)
+    evaluate(t, max_batches) -> metrics        with "selection_loss" (lower is better: it picks `best`)
+    train_record(t, record) -> record          the log window's record with the objective's derived values
+    train_line(t, record), eval_line(t, metrics) -> one log line each
+    describe(t) -> lines                       the header's lines on the batch and the data
+    final_lines(t, val) -> lines               the end-of-run summary's lines on the final evaluation
+    plot(t) -> paths                           the end-of-run PNG plots
+    """
+
+    def step(self, t: Trainer, stop_requested: bool) -> StepResult:
+        return train_step(t, stop_requested)
+
+    def evaluate(self, t: Trainer, max_batches: int | None) -> dict[str, float]:
+        return evaluate(t, max_batches)
+
+    def train_record(self, t: Trainer, record: dict[str, Any]) -> dict[str, Any]:
+        return record | {"bits_per_byte": bits_per_byte(record["loss"], t.data.bytes_per_token("train"))}
+
+    def train_line(self, t: Trainer, record: dict[str, Any]) -> str:
+        show_mfu = t.device.type == "cuda" or bool(t.cfg.peak_flops)
+        return format_train(record, t.total_steps, show_mfu=show_mfu)
+
+    def eval_line(self, t: Trainer, metrics: dict[str, Any]) -> str:
+        return format_eval(metrics, t.data.manifest.get("xz_bits_per_byte"), t.state.step)
+
+    def describe(self, t: Trainer) -> list[str]:
+        cfg, manifest = t.cfg, t.data.manifest
+        xz = manifest.get("xz_bits_per_byte")
+        return [
+            f"global batch {cfg.micro_batch_size} × {cfg.grad_accum_steps} accumulation × {t.dist.world_size} "
+            f"process(es) = {cfg.micro_batch_size * cfg.grad_accum_steps * t.dist.world_size} sequences "
+            f"× {cfg.seq_len} tokens = {t.tokens_per_step:,} tokens per step",
+            f"data {t.data.path}: {manifest['splits']['train']['tokens']:,} train / "
+            f"{manifest['splits']['val']['tokens']:,} val tokens"
+            + (f" · xz -9 baseline {xz:.3f} bits/byte" if xz is not None else ""),
+        ]
+
+    def final_lines(self, t: Trainer, val: dict[str, Any]) -> list[str]:
+        xz, bpb = t.data.manifest.get("xz_bits_per_byte"), val["bits_per_byte"]
+        verdict = ""
+        if xz is not None:
+            verdict = f" · xz -9: {xz:.3f} bits/byte → {'beats' if bpb < xz else 'does not beat'} xz"
+        return [
+            f"final: val loss {val['loss']:.4f} · perplexity {val['perplexity']:.1f} · {bpb:.3f} bits/byte{verdict}"
+        ]
+
+    def plot(self, t: Trainer) -> list[Path]:
+        return plot_run(t.run_dir, t.data.manifest.get("xz_bits_per_byte"))
+
+
+NEXT_TOKEN = NextTokenPrediction()
+
+
+def objective(t: Trainer) -> Any:
+    """The run's objective: its own, else next-token prediction."""
+    return t.objective if t.objective is not None else NEXT_TOKEN

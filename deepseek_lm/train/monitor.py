@@ -197,6 +197,7 @@ class Window:
         self.entropy_L: torch.Tensor | None = None
         self.mtp_K: np.ndarray | None = None  # per MTP depth: Σ loss, Σ top-1 hits, Σ targets
         self.mtp_weight = 0.0
+        self.metrics: dict[str, float] = {}  # the objective's own (StepResult.metrics), summed
 
     def add(self, r: StepResult) -> None:
         self.steps += 1
@@ -204,6 +205,8 @@ class Window:
         self.aux += r.aux_loss
         self.grad_norm += r.grad_norm
         self.lr = r.lr  # the window's last
+        for key, value in r.metrics.items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + value
         if r.mtp_loss_K:
             mtp = np.array([r.mtp_loss_K, r.mtp_top1_K, r.mtp_tokens_K])
             self.mtp_K = mtp if self.mtp_K is None else self.mtp_K + mtp
@@ -226,13 +229,12 @@ class Window:
             "step": t.state.step,
             "loss": loss,
             "aux_loss": self.aux / self.steps,
-            "bits_per_byte": bits_per_byte(loss, t.data.bytes_per_token("train")),
             "lr": self.lr,
             "grad_norm": self.grad_norm / self.steps,
             "tokens": t.state.tokens_seen,
             "tokens_per_s": tokens_per_s,
             "step_time_s": elapsed / self.steps,
-        }
+        } | {key: value / self.steps for key, value in self.metrics.items()}
         if peak_flops:
             flops = t.raw_model.flops_per_token(t.cfg.seq_len) * tokens_per_s
             record["mfu"] = flops / (peak_flops * t.dist.world_size)

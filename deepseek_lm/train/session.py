@@ -22,9 +22,8 @@ from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.errors import UserError
 from deepseek_lm.train import distributed as D
 from deepseek_lm.train.config import TrainConfig
-from deepseek_lm.train.loop import StopSignal, run_eval, run_samples, train_loop
+from deepseek_lm.train.loop import StopSignal, objective, run_eval, run_samples, train_loop
 from deepseek_lm.train.monitor import Monitor, init_wandb, measure_matmul_peak, truncate_metrics
-from deepseek_lm.train.plots import plot_run
 from deepseek_lm.train.trainer import Trainer, build_trainer, open_data, save
 
 STOP_MESSAGES = {
@@ -62,12 +61,15 @@ def train(
     data_source: Callable[[TrainConfig, D.DistInfo], Any] = open_data,
     initial_state: Mapping[str, Any] | None = None,
     eval_first: bool = False,
+    make_objective: Callable[[Trainer], Any] | None = None,
 ) -> TrainResult:
     """Train in `out_dir` (created); with `resume`, continue from its latest complete checkpoint.
 
     `stop_at_step` ends this invocation after that optimizer step (evaluate, save) without shortening
     the schedule: a long run in chunks, e.g. on preemptible machines. `data_source` and `initial_state` as
     in `build_trainer` (fine-tuning: train/finetune.py); `eval_first` evaluates before the first step.
+    `make_objective(trainer)` builds what the steps optimise once the trainer is up (loop.NextTokenPrediction's
+    interface; rl/: GRPO); None: next-token prediction.
     """
     start = time.monotonic()
     stop = StopSignal().install()
@@ -76,6 +78,8 @@ def train(
         t = build_trainer(
             model_config, cfg, out_dir, resume=resume, data_source=data_source, initial_state=initial_state
         )
+        if make_objective is not None:
+            t.objective = make_objective(t)
         if t.dist.is_main:
             prepare_run_dir(t, resume, preset)
             monitor = make_monitor(t)
@@ -124,8 +128,6 @@ def prepare_run_dir(t: Trainer, resume: bool, preset: str | None) -> None:
 def header(t: Trainer, resolved: dict[str, Any]) -> str:
     cfg, counts = t.cfg, t.raw_model.param_counts()
     E, ep = t.model_config.n_routed_experts, t.ep.size if t.ep else 1
-    manifest = t.data.manifest
-    xz = manifest.get("xz_bits_per_byte")
     epochs = t.total_steps * cfg.grad_accum_steps / t.loader.batches_per_epoch
     lines = [
         f"run {t.run_dir}"
@@ -135,15 +137,11 @@ def header(t: Trainer, resolved: dict[str, Any]) -> str:
         f"device {t.device} · precision {t.precision.name} · {t.dist.world_size} process(es)"
         + (" · FSDP2" if t.fsdp else " · DDP" if t.dist.enabled else "")
         + (f" · expert parallel {ep} ({E // ep} of {E} routed experts per process)" if ep > 1 else ""),
-        f"global batch {cfg.micro_batch_size} × {cfg.grad_accum_steps} accumulation × {t.dist.world_size} "
-        f"process(es) = {cfg.micro_batch_size * cfg.grad_accum_steps * t.dist.world_size} sequences "
-        f"× {cfg.seq_len} tokens = {t.tokens_per_step:,} tokens per step",
+        *objective(t).describe(t)[:1],
         f"model: {counts['total'] / 1e6:.2f} M parameters ({counts['activated'] / 1e6:.2f} M activated per token, "
         f"{counts['embedding'] / 1e6:.2f} M embedding) · vocabulary {t.model_config.vocab_size:,}"
         + mtp_note(t, counts["mtp"]),
-        f"data {t.data.path}: {manifest['splits']['train']['tokens']:,} train / "
-        f"{manifest['splits']['val']['tokens']:,} val tokens"
-        + (f" · xz -9 baseline {xz:.3f} bits/byte" if xz is not None else ""),
+        *objective(t).describe(t)[1:],
         schedule_line(t, epochs),
     ]
     return "\n".join(lines)
@@ -202,17 +200,12 @@ def finish(t: Trainer, monitor: Monitor | None, reason: str, elapsed_s: float) -
     result = TrainResult(t.run_dir, path, t.state.step, reason, val, texts, elapsed_s)
     if monitor is not None:
         monitor.log({"kind": "event", "step": t.state.step, "event": reason, "elapsed_s": elapsed_s})
-        plot_run(t.run_dir, t.data.manifest.get("xz_bits_per_byte"))
+        objective(t).plot(t)
         monitor.print(summary(t, result))
     return result
 
 
 def summary(t: Trainer, r: TrainResult) -> str:
-    xz = t.data.manifest.get("xz_bits_per_byte")
-    bpb = r.val["bits_per_byte"]
-    verdict = ""
-    if xz is not None:
-        verdict = f" · xz -9: {xz:.3f} bits/byte → {'beats' if bpb < xz else 'does not beat'} xz"
     minutes, seconds = divmod(round(r.elapsed_s), 60)
     best = ckpt.resolve_checkpoint(t.run_dir)  # the `best` link resolves to an absolute path
     if best.is_relative_to(t.run_dir.resolve()):
@@ -220,8 +213,7 @@ def summary(t: Trainer, r: TrainResult) -> str:
     return "\n".join(
         [
             f"{STOP_MESSAGES[r.reason]} at step {r.step}/{t.total_steps} in {minutes}m{seconds:02d}s",
-            f"final: val loss {r.val['loss']:.4f} · perplexity {r.val['perplexity']:.1f} · "
-            f"{bpb:.3f} bits/byte{verdict}",
+            *objective(t).final_lines(t, r.val),
             f"saved {r.checkpoint} (best: {best}); plots and metrics.jsonl in {t.run_dir}",
             f"next: deepseek-lm generate --checkpoint {t.run_dir} "
             + ("--chat" if t.data.chat_template is not None else '--prompt "The "'),

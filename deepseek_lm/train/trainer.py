@@ -59,6 +59,7 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     resumed_from: Path | None = None
     ep: EP.ExpertParallel | None = None  # train.expert_parallel > 1: raw_model holds a slice of the experts
+    objective: Any = None  # what a step optimises (loop.NextTokenPrediction's interface); None: next token
 
     @property
     def tokens_per_step(self) -> int:
