@@ -43,9 +43,10 @@ def rl(
     out = Path(out_dir)
     latest = ckpt.latest_checkpoint(out, training=True) if resume else None
     if latest is not None:
-        config, _ = ckpt.read_config_json(latest)
+        config, saved_cfg = ckpt.read_config_json(latest)
         tokenizer, template, state = ckpt.load_tokenizer_file(latest), ckpt.read_chat_template(latest), None
-        saved = read_manifest(cfg.data_dir).get("reward") if cfg.data_dir else None
+        cfg = replace(cfg, data_dir=cfg.data_dir or (saved_cfg or {}).get("data_dir") or str(out / "data"))
+        saved = read_manifest(cfg.data_dir).get("reward")
         if saved != reward:
             raise UserError(
                 f"{out} was trained with --reward {saved}: resume with the same reward"
