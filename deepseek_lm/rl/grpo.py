@@ -32,16 +32,16 @@ def group_advantages(rewards_N: torch.Tensor, group_size: int, eps: float = 1e-4
 
 
 def token_logprobs(
-    logits_NTV: torch.Tensor, tokens_NT: torch.Tensor, temperature: float, with_entropy: bool = False
+    logits_xV: torch.Tensor, tokens_x: torch.Tensor, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(N, T) log π(token) at the sampling temperature (the distribution the completions were drawn from),
-    fp32; with `with_entropy` also π's entropy there (nats, no gradient)."""
-    logp_NTV = torch.log_softmax(logits_NTV.float() / temperature, dim=-1)
-    logp = logp_NTV.gather(-1, tokens_NT.unsqueeze(-1)).squeeze(-1)
+    """log π(token) at the sampling temperature (the distribution the completions were drawn from), fp32,
+    for logits (..., V) and tokens (...); with `with_entropy` also π's entropy there (nats, no gradient)."""
+    logp_xV = torch.log_softmax(logits_xV.float() / temperature, dim=-1)
+    logp = logp_xV.gather(-1, tokens_x.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logp, None
     with torch.no_grad():
-        return logp, -(logp_NTV.exp() * logp_NTV).sum(-1)
+        return logp, -(logp_xV.exp() * logp_xV).sum(-1)
 
 
 @dataclass

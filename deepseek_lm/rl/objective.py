@@ -21,7 +21,8 @@ from deepseek_lm import checkpoint as ckpt
 from deepseek_lm.errors import UserError
 from deepseek_lm.rl import grpo
 from deepseek_lm.rl.data import USER_TASK
-from deepseek_lm.rl.rewards import BUILTIN_REWARDS, RewardError, RewardFn, call_reward, exact_match
+from deepseek_lm.rl.evaluate import score
+from deepseek_lm.rl.rewards import BUILTIN_REWARDS, RewardError, RewardFn, call_reward
 from deepseek_lm.rl.rollout import Completion, Rollouts, completion_seed
 from deepseek_lm.train.loop import StepResult, apply_gradients
 from deepseek_lm.train.trainer import Trainer, save
@@ -52,11 +53,7 @@ class GRPO:
         return f"{row['task']} (built-in)", BUILTIN_REWARDS[row["task"]]
 
     def score(self, rows: list[dict[str, Any]], completions: list[Completion]) -> list[float]:
-        rewards = []
-        for row, completion in zip(rows, completions):
-            name, fn = self.reward_of(row)
-            rewards.append(call_reward(fn, name, row, completion.text))
-        return rewards
+        return [call_reward(*self.reward_of(row), row, c.text) for row, c in zip(rows, completions)]
 
     # one step ---------------------------------------------------------------------------------------------
 
@@ -150,12 +147,20 @@ class GRPO:
     def logprobs(
         self, model: torch.nn.Module, batch: Batch, t: Trainer, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """(N, L-1) log π(next token) at the sampling temperature (and the entropy of π there), in training
-        mode for the policy (as the update sees it)."""
+        """(N, L-1) log π(next token) at the sampling temperature on the completions' tokens, 0 elsewhere (and
+        the entropy of π there). The head runs on the M completion positions alone: the prompts' and the
+        padding's logits would be half of the (·, V) work for nothing."""
         with t.precision.autocast():
             out = model(batch.ids, return_hidden=True)
-            logits = model.lm_head(out.hidden[:, :-1])  # (N, L-1, V)
-        logp, entropy = grpo.token_logprobs(logits, batch.ids[:, 1:], self.cfg.temperature, with_entropy)
+            logits_MV = model.lm_head(out.hidden[:, :-1][batch.mask])  # (M, V)
+        targets_M = batch.ids[:, 1:][batch.mask]
+        logp_M, entropy_M = grpo.token_logprobs(logits_MV, targets_M, self.cfg.temperature, with_entropy)
+        logp = torch.zeros(batch.mask.shape, device=logp_M.device).masked_scatter(batch.mask, logp_M)
+        entropy = None
+        if entropy_M is not None:
+            entropy = torch.zeros(batch.mask.shape, device=logp_M.device).masked_scatter(
+                batch.mask, entropy_M
+            )
         return logp, entropy, out
 
     # evaluation --------------------------------------------------------------------------------------------
@@ -167,24 +172,7 @@ class GRPO:
         limit = None if max_batches is None else self.cfg.eval_prompts
         val = self.data.rows["val"]
         picked = {task: [val[i] for i in idx[:limit]] for task, idx in self.data.by_task["val"].items()}
-        rows = [r for rs in picked.values() for r in rs]
-        completions = self.rollouts.sample([r["ids"] for r in rows], self.cfg.max_new_tokens, 0.0, None)
-        rewards, at = self.score(rows, completions), 0
-        metrics: dict[str, float] = {}
-        for task, task_rows in picked.items():
-            n, pairs = len(task_rows), list(zip(task_rows, completions[at : at + len(task_rows)]))
-            metrics[f"reward_{task}"] = sum(rewards[at : at + n]) / n
-            if all("answer" in r["fields"] for r in task_rows):
-                metrics[f"exact_{task}"] = (
-                    sum(exact_match(c.text, str(r["fields"]["answer"])) for r, c in pairs) / n
-                )
-            metrics[f"prompts_{task}"] = n
-            at += n
-        tasks = list(picked)
-        metrics["reward"] = sum(metrics[f"reward_{k}"] for k in tasks) / len(tasks)
-        exact = [metrics[f"exact_{k}"] for k in tasks if f"exact_{k}" in metrics]
-        if exact:
-            metrics["exact"] = sum(exact) / len(exact)
+        metrics = score(self.rollouts, picked, self.reward_of, self.cfg.max_new_tokens)
         return metrics | {"selection_loss": -metrics["reward"]}
 
     # reporting ---------------------------------------------------------------------------------------------

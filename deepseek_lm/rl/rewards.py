@@ -107,7 +107,7 @@ def load_reward(spec: str) -> RewardFn:
     return fn
 
 
-def call_reward(fn: RewardFn, name: str, row: dict[str, Any], completion: str) -> float:
+def call_reward(name: str, fn: RewardFn, row: dict[str, Any], completion: str) -> float:
     """`fn(prompt, completion, **fields)` as a float; anything else is a `RewardError` naming the function
     and the prompt."""
     where = f"reward {name} on the prompt {_short(row['prompt'])} ({row['source']})"
