@@ -216,6 +216,9 @@ class GRPO:
 
         return plot_rl(t.run_dir)
 
+    def close(self) -> None:
+        self.rollouts.close()
+
 
 def _per_task(m: dict[str, Any]) -> str:
     tasks = [k[len("reward_") :] for k in m if k.startswith("reward_")]

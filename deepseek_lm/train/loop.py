@@ -415,6 +415,7 @@ class NextTokenPrediction:
     describe(t) -> lines                       the header's lines on the batch and the data
     final_lines(t, val) -> lines               the end-of-run summary's lines on the final evaluation
     plot(t) -> paths                           the end-of-run PNG plots
+    close()                                    release what it holds (threads), whatever ended the run
     """
 
     def step(self, t: Trainer, stop_requested: bool) -> StepResult:
@@ -456,6 +457,9 @@ class NextTokenPrediction:
 
     def plot(self, t: Trainer) -> list[Path]:
         return plot_run(t.run_dir, t.data.manifest.get("xz_bits_per_byte"))
+
+    def close(self) -> None:
+        pass
 
 
 NEXT_TOKEN = NextTokenPrediction()

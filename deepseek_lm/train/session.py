@@ -98,6 +98,8 @@ def train(
     finally:
         if monitor is not None:
             monitor.close()
+        if t is not None:
+            objective(t).close()
         stop.restore()
         D.shutdown()
 
