@@ -68,10 +68,9 @@ class GRPO:
         )
         try:
             rewards = torch.tensor(self.score(rows, completions))
-        except RewardError as e:  # the weights are those of the last finished step: keep them, then stop
-            t.loader.load_state_dict(before)
-            path = save(t) if t.state.step > 0 else None
-            raise RewardError(f"{e}; {f'saved {path}' if path else 'nothing trained yet'}") from None
+        except RewardError as e:
+            t.loader.load_state_dict(before)  # resume draws this batch again
+            raise stopped(t, e) from None
         rollout_s = time.perf_counter() - start
         advantages = grpo.group_advantages(rewards, G)
         batch = Batch.of(completions, advantages, t.device)
@@ -82,7 +81,7 @@ class GRPO:
             **result.metrics, "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
             "flat_groups": (groups.std(dim=1) == 0).float().mean().item(),
             "length": batch.lengths.float().mean().item(), "completions": float(len(rows)),
-            "tokens": float(batch.tokens), "rollout_s": rollout_s,
+            "step_tokens": float(batch.tokens), "rollout_s": rollout_s,
         }  # fmt: skip
         if not result.skipped:
             t.state.step += 1
@@ -172,17 +171,23 @@ class GRPO:
         limit = None if max_batches is None else self.cfg.eval_prompts
         val = self.data.rows["val"]
         picked = {task: [val[i] for i in idx[:limit]] for task, idx in self.data.by_task["val"].items()}
-        metrics = score(self.rollouts, picked, self.reward_of, self.cfg.max_new_tokens)
+        try:
+            metrics = score(self.rollouts, picked, self.reward_of, self.cfg.max_new_tokens)
+        except RewardError as e:
+            raise stopped(t, e) from None
         return metrics | {"selection_loss": -metrics["reward"]}
 
     # reporting ---------------------------------------------------------------------------------------------
 
     def train_record(self, t: Trainer, record: dict[str, Any]) -> dict[str, Any]:
+        """Completions and tokens (prompt + completion) per second; no MFU (the window's is per `seq_len`
+        windows of `micro_batch_size` rows, not what a step computes)."""
         step_s = max(record["step_time_s"], 1e-9)
-        return record | {
+        rates = {
             "completions_per_s": record["completions"] / step_s,
-            "tokens_per_s": record["tokens"] / step_s,
+            "tokens_per_s": record["step_tokens"] / step_s,
         }
+        return {k: v for k, v in record.items() if k != "mfu"} | rates
 
     def train_line(self, t: Trainer, r: dict[str, Any]) -> str:
         return " | ".join([
@@ -257,6 +262,12 @@ class Batch:
 
     def rows(self, index: torch.Tensor) -> Batch:
         return Batch(self.ids[index], self.mask[index], self.advantages[index], self.lengths[index])
+
+
+def stopped(t: Trainer, e: RewardError) -> RewardError:
+    """A broken reward stops the run; the weights are those of the last finished step: saved first."""
+    path = save(t) if t.state.step > 0 else None
+    return RewardError(f"{e}; {f'saved {path}' if path else 'nothing trained yet'}")
 
 
 def update_router_biases(model: torch.nn.Module, counts_LE: torch.Tensor) -> None:
