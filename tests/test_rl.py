@@ -256,3 +256,18 @@ def test_rl_cli_help_names_the_grpo_settings(capsys):
     for flag in ("--train.group_size", "--train.clip_range", "--train.kl_weight", "--train.temperature",
                  "--train.updates_per_batch", "--reward", "--prompts", "--task"):  # fmt: skip
         assert flag in out
+
+
+def test_the_recipe_through_the_cli_sft_on_the_task_then_rl(base, tmp_path, capsys):
+    """`finetune --task arithmetic` then `rl --task arithmetic`, as the README runs them (a few steps each)."""
+    sft, out = tmp_path / "sft", tmp_path / "rl"
+    assert main(["finetune", "--checkpoint", str(base), "--task", "arithmetic", "--out", str(sft), "--max-steps", "2",
+                 "--train.seq_len", "64", "--train.eval_batches", "1", "--train.peak_flops", "1e12"]) == 0  # fmt: skip
+    assert main(["rl", "--checkpoint", str(sft), "--task", "arithmetic", "--out", str(out), "--max-steps", "2",
+                 "--train.seq_len", "64", "--train.max_new_tokens", "4", "--train.eval_prompts", "4",
+                 "--train.peak_flops", "1e12"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "built-in tasks: arithmetic" in printed and "final held-out reward" in printed
+    evals = read_metrics(out, "eval")
+    assert evals[0]["prompts_arithmetic"] == evals[-1]["prompts_arithmetic"] == len(arithmetic_rows("val"))
+    assert {"reward_arithmetic", "exact_arithmetic"} <= set(evals[-1])
