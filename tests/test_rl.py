@@ -87,7 +87,11 @@ def test_a_tiny_model_learns_a_trivial_reward_and_not_a_shuffled_one(base, promp
     record = learned[-1]
     for key in ("reward_std", "kl", "clipped", "length", "entropy", "flat_groups", "completions_per_s"):
         assert key in record
-    assert (tmp_path / "true" / "reward.png").is_file() and (tmp_path / "true" / "reference").is_dir()
+    assert (
+        (tmp_path / "true" / "reward.png").is_file()
+        and (tmp_path / "true" / "expert_load.png").is_file()
+        and (tmp_path / "true" / "reference").is_dir()
+    )
 
 
 def test_n_steps_then_resume_m_equals_n_plus_m(base, prompts, tmp_path):

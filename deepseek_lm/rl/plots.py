@@ -1,16 +1,24 @@
-"""RL's end-of-run plot, from `metrics.jsonl`: rewards (the rollouts' and each task's held-out), KL and
-completion length."""
+"""RL's end-of-run plots, from `metrics.jsonl`: rewards (the rollouts' and each task's held-out), KL and
+completion length; the experts' load."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from deepseek_lm.train.monitor import read_metrics
-from deepseek_lm.train.plots import _pyplot, _save
+from deepseek_lm.train.plots import _pyplot, _save, expert_load_from_metrics, plot_expert_load
 
 
 def plot_rl(run_dir: Path) -> list[Path]:
-    """Write reward.png into `run_dir`."""
+    """Write reward.png (and for MoE models expert_load.png, as training does) into `run_dir`."""
+    paths = [plot_rewards(run_dir)]
+    expert_load = expert_load_from_metrics(run_dir)
+    if expert_load is not None:
+        paths.append(plot_expert_load(expert_load, run_dir / "expert_load.png"))
+    return paths
+
+
+def plot_rewards(run_dir: Path) -> Path:
     plt = _pyplot()
     train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
     fig, axes = plt.subplots(3, figsize=(7, 8), sharex=True, height_ratios=[2, 1, 1])
@@ -37,4 +45,4 @@ def plot_rl(run_dir: Path) -> list[Path]:
         ax.set(ylabel=label)
         ax.grid(alpha=0.3)
     axes[-1].set(xlabel="step (one rollout batch)")
-    return [_save(fig, run_dir / "reward.png", plt)]
+    return _save(fig, run_dir / "reward.png", plt)
