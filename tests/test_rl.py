@@ -54,8 +54,8 @@ def prompts(tmp_path_factory) -> Path:
 def rl_config(**overrides) -> RLConfig:
     settings = dict(
         seq_len=64, max_new_tokens=6, group_size=8, prompts_per_step=4, max_steps=20, max_time_minutes=None,
-        lr=3e-3, eval_every=10, save_every=10, log_every=1, peak_flops=1e12, sample_prompts=["what is the data?"],
-        sample_max_new_tokens=6, eval_prompts=8,
+        lr=3e-3, eval_every=10, save_every=10, log_every=1, peak_flops=1e12, eval_prompts=8,
+        sample_prompts=["what is the data?"], sample_max_new_tokens=6,
     )  # fmt: skip
     return RLConfig.from_dict({**RLConfig().to_dict(), **RL_DEFAULTS, **settings, **overrides})
 
@@ -129,7 +129,8 @@ def test_n_steps_then_resume_m_equals_n_plus_m(base, prompts, tmp_path):
 )
 def test_a_broken_reward_is_one_line_naming_it_and_the_prompt(base, prompts, tmp_path, capsys, name, says):
     argv = ["rl", "--checkpoint", str(base), "--out", str(tmp_path / "run"), "--prompts", str(prompts),
-            "--reward", f"rl_rewards:{name}", "--train.seq_len", "64", "--train.max_new_tokens", "4"]  # fmt: skip
+            "--reward", f"rl_rewards:{name}", "--train.seq_len", "64",
+            "--train.max_new_tokens", "4"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"reward rl_rewards:{name} on the prompt '" in err and says in err
@@ -140,8 +141,8 @@ def test_a_reward_that_fails_mid_run_keeps_what_was_trained(base, prompts, tmp_p
     import rl_rewards
 
     rl_rewards.calls["n"] = 0
-    with pytest.raises(UserError, match=r"reward rl_rewards:fails_later on the prompt .* raised ValueError: the "
-                       r"grader went away; saved .*step_0000000[1-9]"):  # fmt: skip
+    says = r"reward rl_rewards:fails_later on the prompt .* raised ValueError: the grader went away; saved "
+    with pytest.raises(UserError, match=says + r".*step_0000000[1-9]"):
         rl(base, rl_config(eval_every=0, save_every=0), tmp_path / "run", prompts=prompts,
            reward="rl_rewards:fails_later")  # fmt: skip
     saved = latest_checkpoint(tmp_path / "run")
@@ -229,14 +230,18 @@ def test_built_in_tasks_keep_their_held_out_splits():
     assert row["fields"]["answer"] == str(int(a) + int(b) if op == "+" else int(a) - int(b))
     assert row["messages"][-1]["role"] == "user" and a in row["prompt"]
 
+    def conv(key, question, answer):
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return {"id": key, "source": "val.jsonl:1", "messages": messages}
+
     class Chat:  # a prepared chat directory's conversations (data/instructions.py's ids)
         def conversations(self, split):
-            def conv(i, q, a):
-                return {"id": i, "source": f"{split}:1", "messages": [{"role": "user", "content": q},
-                                                                       {"role": "assistant", "content": a}]}  # fmt: skip
-
-            return [conv("json.dumps:where", "Which module provides `dumps`?", "`dumps` is in the `json` module."),
-                    conv("json.dumps:args", "How do I call `json.dumps`?", "`json.dumps(obj)`")]  # fmt: skip
+            return [
+                conv(
+                    "json.dumps:where", "Which module provides `dumps`?", "`dumps` is in the `json` module."
+                ),
+                conv("json.dumps:args", "How do I call `json.dumps`?", "`json.dumps(obj)`"),
+            ]
 
     rows = task_rows("module", "val", Chat())
     assert len(rows) == 1 and rows[0]["fields"] == {"answer": "`dumps` is in the `json` module."}
@@ -263,13 +268,13 @@ def test_rl_cli_help_names_the_grpo_settings(capsys):
 
 
 def test_the_recipe_through_the_cli_sft_on_the_task_then_rl(base, tmp_path, capsys):
-    """`finetune --task arithmetic` then `rl --task arithmetic`, as the README runs them (a few steps each)."""
+    """`finetune --task arithmetic`, then `rl --task arithmetic`, as the README runs them (a few steps)."""
     sft, out = tmp_path / "sft", tmp_path / "rl"
-    assert main(["finetune", "--checkpoint", str(base), "--task", "arithmetic", "--out", str(sft), "--max-steps", "2",
-                 "--train.seq_len", "64", "--train.eval_batches", "1", "--train.peak_flops", "1e12"]) == 0  # fmt: skip
-    assert main(["rl", "--checkpoint", str(sft), "--task", "arithmetic", "--out", str(out), "--max-steps", "2",
-                 "--train.seq_len", "64", "--train.max_new_tokens", "4", "--train.eval_prompts", "4",
-                 "--train.peak_flops", "1e12"]) == 0  # fmt: skip
+    short = ["--max-steps", "2", "--train.seq_len", "64", "--train.peak_flops", "1e12"]
+    assert main(["finetune", "--checkpoint", str(base), "--task", "arithmetic", "--out", str(sft), *short,
+                 "--train.eval_batches", "1"]) == 0  # fmt: skip
+    assert main(["rl", "--checkpoint", str(sft), "--task", "arithmetic", "--out", str(out), *short,
+                 "--train.max_new_tokens", "4", "--train.eval_prompts", "4"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "built-in tasks: arithmetic" in printed and "final held-out reward" in printed
     evals = read_metrics(out, "eval")

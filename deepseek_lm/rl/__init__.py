@@ -4,9 +4,9 @@
     from deepseek_lm.rl import RLConfig, rl
     result = rl("runs/chat", RLConfig.from_dict({**RLConfig().to_dict(), **RL_DEFAULTS}), "runs/rl")
 
-Files: grpo.py (the objective's math), rewards.py (built-in checks, user rewards), data.py (the run's prompts),
-rollout.py (sampling through the batch engine), objective.py (a step and an evaluation), session.py (a run),
-plots.py, cli.py. Names resolve lazily, so importing this package loads nothing heavy.
+Files: grpo.py (the objective's math), rewards.py (built-in checks, user rewards), data.py (the run's
+prompts), rollout.py (sampling through the batch engine), objective.py (a step and an evaluation), evaluate.py
+(held-out scores), session.py (a run), plots.py, cli.py. Names resolve lazily, so importing this package loads nothing heavy.
 """
 
 from __future__ import annotations
