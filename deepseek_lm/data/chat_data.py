@@ -217,6 +217,11 @@ def is_chat_dir(path: str | Path) -> bool:
         return False
 
 
+def builtin_chat_dir() -> ChatDir:
+    """The built-in instruction set, prepared in data_cache/chat on first use (then reused)."""
+    return prepare_chat(ChatPrepareConfig())
+
+
 def default_chat_dir() -> Path:
     """Where the built-in instruction set is prepared by default: ./data_cache/chat."""
     return Path.cwd() / "data_cache" / "chat"
@@ -299,7 +304,11 @@ def _chat_source(cfg: ChatPrepareConfig):
         names = T.check_tasks(cfg.tasks)
         inputs = {**src.builtin_fingerprint(), "instructions": INSTRUCTIONS_VERSION, "tasks": names,
                   "arithmetic_max": T.ARITHMETIC_MAX}  # fmt: skip
-        read_tasks = lambda: ({s: T.task_conversations(names, s) for s in SPLITS}, "the tasks' own split")  # noqa: E731
+
+        def read_tasks():
+            chat = builtin_chat_dir() if T.needs_instruction_set(names) else None
+            return {s: T.task_conversations(names, s, chat) for s in SPLITS}, "the tasks' own split"
+
         return f"built-in tasks: {', '.join(names)}", inputs, read_tasks
 
     source = f"builtin: Python {sys.version.split()[0]} standard-library instruction set"

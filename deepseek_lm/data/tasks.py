@@ -58,13 +58,13 @@ def _row(task: str | None, messages: list[dict], prompt: Any, fields: dict, sour
 
 def task_rows(name: str, split: str, chat_dir: Any = None) -> list[dict[str, Any]]:
     """The prompt rows of a built-in task's `split` ("train" | "val"). `chat_dir`: the prepared built-in
-    instruction set (a ChatDir; None: prepared, or reused, in data_cache/chat)."""
+    instruction set (`chat_data.builtin_chat_dir()`), which every task but arithmetic is read from."""
     if name == "arithmetic":
         return arithmetic_rows(split)
     if chat_dir is None:
-        from deepseek_lm.data.chat_data import ChatPrepareConfig, prepare_chat
-
-        chat_dir = prepare_chat(ChatPrepareConfig())
+        raise ValueError(
+            f"the {name} task is read from the built-in instruction set: pass its chat directory"
+        )
     kind, rows = _KIND_OF_TASK[name], []
     for conv in chat_dir.conversations(split):
         messages = conv["messages"]
@@ -76,6 +76,10 @@ def task_rows(name: str, split: str, chat_dir: Any = None) -> list[dict[str, Any
         question, answer = messages[:-1], messages[-1]["content"]
         rows.append(_row(name, question, question[-1]["content"], {"answer": answer}, conv["source"]))
     return rows
+
+
+def needs_instruction_set(names: list[str]) -> bool:
+    return any(name != "arithmetic" for name in names)
 
 
 def arithmetic_rows(split: str) -> list[dict[str, Any]]:
@@ -96,12 +100,12 @@ def arithmetic_rows(split: str) -> list[dict[str, Any]]:
     return rows
 
 
-def task_conversations(names: list[str], split: str) -> list[dict[str, Any]]:
+def task_conversations(names: list[str], split: str, chat_dir: Any = None) -> list[dict[str, Any]]:
     """The tasks' prompts with their reference answers as chat conversations ({"id", "messages"}): what
     `finetune --task` trains on, so the model learns each task's answer format before RL rewards it."""
     out = []
     for name in check_tasks(names):
-        for row in task_rows(name, split):
+        for row in task_rows(name, split, chat_dir):
             reply = {"role": "assistant", "content": row["fields"]["answer"]}
             out.append({"id": f"{row['source']}:{name}", "messages": [*row["messages"], reply]})
     return out

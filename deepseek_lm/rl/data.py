@@ -25,7 +25,8 @@ import numpy as np
 
 from deepseek_lm.data import DataError
 from deepseek_lm.data.chat import ChatFormat
-from deepseek_lm.data.tasks import TASKS, check_tasks, read_prompts, task_rows
+from deepseek_lm.data.chat_data import builtin_chat_dir
+from deepseek_lm.data.tasks import TASKS, check_tasks, needs_instruction_set, read_prompts, task_rows
 
 log = logging.getLogger("deepseek_lm.data.prompts")  # the data layer's, which commands show on stderr
 
@@ -56,7 +57,8 @@ def prepare_prompts(
         splits, source = {"train": train, "val": val}, f"prompts: {Path(prompts).name}"
     else:
         tasks = check_tasks(tasks or list(TASKS))
-        splits = {s: [r for name in tasks for r in task_rows(name, s)] for s in ("train", "val")}
+        chat = builtin_chat_dir() if needs_instruction_set(tasks) else None
+        splits = {s: [r for name in tasks for r in task_rows(name, s, chat)] for s in ("train", "val")}
         source = f"built-in tasks: {', '.join(tasks)}"
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

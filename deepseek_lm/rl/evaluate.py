@@ -53,13 +53,14 @@ def score_checkpoint(
     None), through its chat template."""
     from deepseek_lm.checkpoint import load_checkpoint
     from deepseek_lm.data.chat import ChatFormat
-    from deepseek_lm.data.tasks import task_rows
+    from deepseek_lm.data.chat_data import builtin_chat_dir
+    from deepseek_lm.data.tasks import needs_instruction_set, task_rows
 
     ckpt = load_checkpoint(checkpoint)
     fmt = ChatFormat.for_tokenizer(ckpt.tokenizer, ckpt.chat_template)
-    picked = {}
+    picked, chat = {}, builtin_chat_dir() if needs_instruction_set(tasks) else None
     for task in tasks:
-        rows = task_rows(task, "val")[:limit]
+        rows = task_rows(task, "val", chat)[:limit]
         for row in rows:
             row["ids"] = ckpt.tokenizer.encode(fmt.render(row["messages"]), add_special_tokens=False).ids
         picked[task] = rows
