@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,28 +39,10 @@ from deepseek_lm.train.monitor import (
 )
 from deepseek_lm.train.plots import plot_run
 from deepseek_lm.train.samples import format_samples, generate_samples
+from deepseek_lm.train.step_result import StepResult
 from deepseek_lm.train.trainer import Trainer, full_model_state, save
 
 NONFINITE_LIMIT = 3  # non-finite steps in a row before the run saves and stops
-
-
-@dataclass
-class StepResult:
-    loss: float  # mean cross-entropy over the step's micro-batches and ranks (nats / token)
-    aux_loss: float
-    grad_norm: float  # before clipping; nan when the step was skipped
-    lr: float  # the learning rate this step used (of the decayed group; all groups share the schedule)
-    skipped: bool  # non-finite loss or gradients: no update
-    stop: bool  # some rank was asked to stop (signal, time budget)
-    counts_LE: torch.Tensor | None  # routed tokens per expert, summed over micro-batches and ranks
-    dropped_L: torch.Tensor | None  # mean dropped fraction per MoE layer
-    entropy_L: torch.Tensor | None  # mean router entropy per MoE layer
-    # multi-token prediction, per depth (empty without MTP): mean CE; top-1 hits and valid targets, summed
-    mtp_loss_K: list[float] = field(default_factory=list)
-    mtp_top1_K: list[float] = field(default_factory=list)
-    mtp_tokens_K: list[float] = field(default_factory=list)
-    mtp_weight: float = 0.0  # λ of this step
-    metrics: dict[str, float] = field(default_factory=dict)  # the objective's own, averaged over a log window
 
 
 class StopSignal:

@@ -22,9 +22,9 @@ import psutil
 import torch
 
 from deepseek_lm.model import onednn
+from deepseek_lm.train.step_result import StepResult
 
 if TYPE_CHECKING:
-    from deepseek_lm.train.loop import StepResult
     from deepseek_lm.train.trainer import Trainer
 
 METRICS_FILE = "metrics.jsonl"
@@ -179,7 +179,7 @@ def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the log window (Window.add takes a loop.StepResult)
+# the log window
 
 
 class Window:
