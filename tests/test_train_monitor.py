@@ -45,7 +45,7 @@ def test_truncate_metrics_drops_later_steps(tmp_path):
 
 def test_plots_are_valid_pngs(tmp_path):
     _write(tmp_path, _records(6))
-    paths = plot_run(tmp_path, xz_bits_per_byte=2.0)
+    paths = plot_run(tmp_path, baselines={"xz -9": 2.0, "zpaq -m5": 1.5})
     assert sorted(p.name for p in paths) == ["expert_load.png", "loss.png", "lr.png"]
     import matplotlib.image
 
@@ -107,11 +107,13 @@ def test_mtp_figures_in_the_log_line_wandb_names_and_the_loss_plot(tmp_path):
     train = records[0] | {"tokens_per_s": 1000.0}
     assert "mtp loss 5.500 top-1 31.0%" in format_train(train, total_steps=4)
     evaluation = records[2] | {"perplexity": 10.0}
-    assert format_eval(evaluation, None, 2).endswith("mtp loss 3.025 top-1 32.0%")
+    assert format_eval(evaluation, {}, 2).endswith("mtp loss 3.025 top-1 32.0%")
+    line = format_eval(evaluation, {"xz -9": 1.9371, "zpaq -m5": 1.5109}, 2)
+    assert "bits/byte (xz -9: 1.937, zpaq -m5: 1.511) | mtp loss" in line
     assert {"train/mtp_loss/0", "train/mtp_top1/0"} <= set(_flatten(records[0], "train"))
     _write(tmp_path, records)
-    plot_run(tmp_path, xz_bits_per_byte=2.0)
+    plot_run(tmp_path, baselines={"xz -9": 2.0, "zpaq -m5": 1.5})
     height = matplotlib.image.imread(tmp_path / "loss.png").shape[0]
     _write(tmp_path, _records(4))
-    plot_run(tmp_path, xz_bits_per_byte=2.0)
+    plot_run(tmp_path, baselines={"xz -9": 2.0, "zpaq -m5": 1.5})
     assert height > 1.5 * matplotlib.image.imread(tmp_path / "loss.png").shape[0]  # the top-1 panel below

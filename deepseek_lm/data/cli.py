@@ -15,6 +15,7 @@ import typing
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from deepseek_lm.cli import parse_args
+from deepseek_lm.data.baselines import named
 from deepseek_lm.data.messages import warnings_to_stderr
 from deepseek_lm.data.preparation import PrepareConfig, PreparedData, prepare
 
@@ -71,12 +72,13 @@ def main(argv: list[str]) -> int:
 def _summary(data: PreparedData) -> str:
     m = data.manifest
     train, val = m["splits"]["train"], m["splits"]["val"]
-    xz = "off" if m["xz_bits_per_byte"] is None else f"{m['xz_bits_per_byte']:.3f} bits/byte"
+    bars = ", ".join(f"{name} {value:.3f}" for name, value in named(m).items())
+    bars = f"{bars} bits/byte" if bars else "off"
     how = "reused (inputs unchanged)" if data.reused else f"prepared in {m['prepare_seconds']:.1f} s"
     return (
         f"{data.path}: {how}; {m['source']}; vocab {m['vocab_size']} ({m['dtype']}); "
         f"train {train['documents']} docs, {train['bytes']:,} bytes, {train['tokens']:,} tokens; "
-        f"val {val['documents']} docs, {val['bytes']:,} bytes, {val['tokens']:,} tokens; xz baseline {xz}"
+        f"val {val['documents']} docs, {val['bytes']:,} bytes, {val['tokens']:,} tokens; baselines {bars}"
     )
 
 

@@ -16,14 +16,12 @@ import contextlib
 import functools
 import hashlib
 import json
-import lzma
 import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np
 
 from deepseek_lm.data import DataError
 from deepseek_lm.data import sources as src
+from deepseek_lm.data.baselines import compressor_baselines
 from deepseek_lm.data.tokenizer import (
     MIN_VOCAB_SIZE,
     add_missing_eot,
@@ -69,6 +68,7 @@ class PrepareConfig:
         split_seed: Seed of the train/validation split.
         seq_len: The check "corpus too short": the training split must hold 2 windows of seq_len + 1 tokens.
         xz_baseline: Compute the xz bits per byte of the validation text given the training text.
+        zpaq_baseline: The same under zpaq -m5, when the zpaq command is present (~12 s per 3.4 MB of text).
         force: Prepare again even when a finished cache with the same inputs exists.
     """
 
@@ -85,6 +85,7 @@ class PrepareConfig:
     split_seed: int = 0
     seq_len: int = 256
     xz_baseline: bool = True
+    zpaq_baseline: bool = True
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -194,11 +195,17 @@ def default_data_dir() -> Path:
 
 
 def prepare_builtin(
-    out_dir: str | Path | None = None, *, vocab_size: int = BUILTIN_VOCAB_SIZE, xz_baseline: bool = True
+    out_dir: str | Path | None = None,
+    *,
+    vocab_size: int = BUILTIN_VOCAB_SIZE,
+    xz_baseline: bool = True,
+    zpaq_baseline: bool = True,
 ) -> PreparedData:
     """The built-in corpus, prepared (or reused) in `out_dir` (default: `default_data_dir()`)."""
     out = str(out_dir) if out_dir is not None else None
-    return prepare(PrepareConfig(out=out, vocab_size=vocab_size, xz_baseline=xz_baseline))
+    return prepare(
+        PrepareConfig(out=out, vocab_size=vocab_size, xz_baseline=xz_baseline, zpaq_baseline=zpaq_baseline)
+    )
 
 
 def prepare(cfg: PrepareConfig) -> PreparedData:
@@ -236,7 +243,7 @@ def prepare(cfg: PrepareConfig) -> PreparedData:
             "split_seed": cfg.split_seed,
             "val_fraction": cfg.val_fraction,
             "splits": splits,
-            "xz_bits_per_byte": xz_bits_per_byte(train_docs, val_docs) if cfg.xz_baseline else None,
+            **compressor_baselines(train_docs, val_docs, xz=cfg.xz_baseline, zpaq=cfg.zpaq_baseline),
             "prepare_seconds": round(time.perf_counter() - start, 2),
             "python": sys.version.split()[0],
         }
@@ -397,26 +404,6 @@ def _check_long_enough(source: str, train_tokens: int, seq_len: int) -> None:
             f"{source}: the corpus is too short: {train_tokens} training tokens, fewer than {need} "
             f"({MIN_TRAIN_WINDOWS} windows of --seq-len {seq_len} + 1); add text or lower --seq-len"
         )
-
-
-_XZ_PRESET = 9 | lzma.PRESET_EXTREME
-_XZ_DICT = 64 << 20  # preset 9's dictionary: xz cannot refer further back than this anyway
-_XZ_MAX_VAL = 16 << 20  # estimate on at most this much validation text, so huge corpora stay quick
-
-
-def xz_bits_per_byte(train_docs: list[str], val_docs: list[str]) -> float:
-    """Bits per byte of the validation text under xz given the training text (the bar a model should beat):
-    (size(xz(train + val)) - size(xz(train))) * 8 / bytes(val). Both compressions run at once (lzma releases
-    the GIL): on the built-in corpus that halves the wall time."""
-    train = "".join(train_docs).encode()[-_XZ_DICT:]
-    val = "".join(val_docs).encode()[:_XZ_MAX_VAL]
-    with ThreadPoolExecutor(2) as pool:
-        size_train, size_both = pool.map(_xz_size, (train, train + val))
-    return round((size_both - size_train) * 8 / len(val), 4)
-
-
-def _xz_size(data: bytes) -> int:
-    return len(lzma.compress(data, preset=_XZ_PRESET))
 
 
 def _check_replaceable(out: Path) -> None:

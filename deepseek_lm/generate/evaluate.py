@@ -6,8 +6,9 @@ losses. So `eval` of a checkpoint on its own validation split reproduces the fin
 
 Bits per byte divide the summed loss by the bytes of UTF-8 text the scored tokens stand for (end-of-text
 tokens count as tokens, not bytes; the data pipeline's convention), which makes models with different
-tokenizers comparable, and comparable with xz: the xz baseline is the size xz -9 needs for the text *given
-the training text*, the bar a model trained on that text should beat.
+tokenizers comparable, and comparable with compressors: the xz and zpaq baselines are the sizes xz -9 and
+zpaq -m5 need for the text *given the training text* (data/baselines.py), the bars a model trained on that
+text should beat.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepseek_lm.data import baselines
+from deepseek_lm.data.baselines import named
 from deepseek_lm.errors import UserError
 from deepseek_lm.model.loss import IGNORE_INDEX
 
@@ -42,6 +45,7 @@ class EvalReport:
     loss: float  # mean cross-entropy, nats per token
     bits_per_byte: float
     xz_bits_per_byte: float | None  # None when no training text was at hand
+    zpaq_bits_per_byte: float | None  # None also without the zpaq command
     note: str | None  # why something is missing or approximate
     tokens: int  # tokens scored
     seq_len: int
@@ -55,18 +59,15 @@ class EvalReport:
         return asdict(self)
 
     def format(self) -> str:
-        xz = (
-            f"   (xz -9 given the training text: {self.xz_bits_per_byte:.3f})"
-            if self.xz_bits_per_byte
-            else ""
-        )
+        bars = ", ".join(f"{name} {value:.3f}" for name, value in named(self.to_dict()).items())
+        bars = f"   (given the training text: {bars})" if bars else ""
         lines = [
             f"checkpoint  {self.checkpoint}",
             f"data        {self.data}",
             f"windows     {self.tokens:,} tokens scored, windows of {self.seq_len}, batch {self.batch_size}",
             f"loss        {self.loss:.4f} nats/token",
             f"perplexity  {self.perplexity:.2f}",
-            f"bits/byte   {self.bits_per_byte:.4f}{xz}",
+            f"bits/byte   {self.bits_per_byte:.4f}{bars}",
         ]
         if self.note:
             lines.append(f"note        {self.note}")
@@ -163,6 +164,7 @@ def _evaluate_split(
         loss=loss,
         bits_per_byte=bpb,
         xz_bits_per_byte=data.manifest.get("xz_bits_per_byte"),
+        zpaq_bits_per_byte=data.manifest.get("zpaq_bits_per_byte"),
         note=note,
         tokens=count,
         seq_len=seq_len,
@@ -197,6 +199,7 @@ def _evaluate_chat(
         loss=loss,
         bits_per_byte=bpb,
         xz_bits_per_byte=None,
+        zpaq_bits_per_byte=None,
         note="; ".join(notes),
         tokens=count,
         seq_len=seq_len,
@@ -224,13 +227,13 @@ def _evaluate_files(
     loss, bpb, count = evaluate_tokens(
         ckpt.model, tokens, n_bytes / len(tokens), seq_len, batch_size, max_batches
     )
-    xz, note = _xz_given_training_text(ckpt, docs)
+    figures, note = _baselines_given_training_text(ckpt, docs)
     return EvalReport(
         checkpoint=str(ckpt.path),
         data=f"{len(paths)} file(s): {', '.join(p.name for p in paths[:3])}{', ...' if len(paths) > 3 else ''}",
         loss=loss,
         bits_per_byte=bpb,
-        xz_bits_per_byte=xz,
+        **figures,
         note=note,
         tokens=count,
         seq_len=min(seq_len, len(tokens) - 1),
@@ -252,20 +255,21 @@ def _tokenize(ckpt: Any, docs: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def _xz_given_training_text(ckpt: Any, docs: list[str]) -> tuple[float | None, str | None]:
-    """xz bits per byte of `docs` given the checkpoint's training text, read back from its prepared data."""
+def _baselines_given_training_text(ckpt: Any, docs: list[str]) -> tuple[dict, str | None]:
+    """xz and zpaq bits per byte of `docs` given the checkpoint's training text, read back from its prepared
+    data: ({"xz_bits_per_byte": ..., "zpaq_bits_per_byte": ...}, why they are missing)."""
     from deepseek_lm.data import DataError, PreparedData
-    from deepseek_lm.data.preparation import xz_bits_per_byte
 
     try:
         data = PreparedData.open(_data_dir(ckpt, None))
     except (DataError, UserError) as e:
-        return None, f"no xz baseline: the training data is not at hand ({e})"
+        figures = {"xz_bits_per_byte": None, "zpaq_bits_per_byte": None}
+        return figures, f"no compressor baselines: the training data is not at hand ({e})"
     train = data.tokens("train")
-    # xz looks back at most 64 MiB: decode only the training tail it could use
-    tail = int(64 * 2**20 / max(data.bytes_per_token("train"), 1e-9))
+    # the compressors look back at most 64 MiB (xz's dictionary): decode only the training tail they could use
+    tail = int(baselines.XZ_TRAIN / max(data.bytes_per_token("train"), 1e-9))
     train_text = data.tokenizer.decode(np.asarray(train[-tail:]).tolist(), skip_special_tokens=True)
-    return xz_bits_per_byte([train_text], docs), None
+    return baselines.compressor_baselines([train_text], docs), None
 
 
 def _check_same_tokenizer(ckpt: Any, data: Any) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from deepseek_lm import checkpoint as ckpt
+from deepseek_lm.data import baselines
 from deepseek_lm.model.loss import IGNORE_INDEX
 from deepseek_lm.train import distributed as D
 from deepseek_lm.train import expert_parallel as EP
@@ -413,31 +414,32 @@ class NextTokenPrediction:
         return format_train(record, t.total_steps, show_mfu=show_mfu)
 
     def eval_line(self, t: Trainer, metrics: dict[str, Any]) -> str:
-        return format_eval(metrics, t.data.manifest.get("xz_bits_per_byte"), t.state.step)
+        return format_eval(metrics, baselines.named(t.data.manifest), t.state.step)
 
     def describe(self, t: Trainer) -> list[str]:
         cfg, manifest = t.cfg, t.data.manifest
-        xz = manifest.get("xz_bits_per_byte")
+        bars = ", ".join(f"{name} {value:.3f}" for name, value in baselines.named(manifest).items())
         return [
             f"global batch {cfg.micro_batch_size} × {cfg.grad_accum_steps} accumulation × {t.dist.world_size} "
             f"process(es) = {cfg.micro_batch_size * cfg.grad_accum_steps * t.dist.world_size} sequences "
             f"× {cfg.seq_len} tokens = {t.tokens_per_step:,} tokens per step",
             f"data {t.data.path}: {manifest['splits']['train']['tokens']:,} train / "
             f"{manifest['splits']['val']['tokens']:,} val tokens"
-            + (f" · xz -9 baseline {xz:.3f} bits/byte" if xz is not None else ""),
+            + (f" · baselines {bars} bits/byte" if bars else ""),
         ]
 
     def final_lines(self, t: Trainer, val: dict[str, Any]) -> list[str]:
-        xz, bpb = t.data.manifest.get("xz_bits_per_byte"), val["bits_per_byte"]
-        verdict = ""
-        if xz is not None:
-            verdict = f" · xz -9: {xz:.3f} bits/byte → {'beats' if bpb < xz else 'does not beat'} xz"
+        bpb = val["bits_per_byte"]
+        verdict = "".join(
+            f" · {name}: {value:.3f} bits/byte → {'beats' if bpb < value else 'does not beat'} {name.split()[0]}"
+            for name, value in baselines.named(t.data.manifest).items()
+        )
         return [
             f"final: val loss {val['loss']:.4f} · perplexity {val['perplexity']:.1f} · {bpb:.3f} bits/byte{verdict}"
         ]
 
     def plot(self, t: Trainer) -> list[Path]:
-        return plot_run(t.run_dir, t.data.manifest.get("xz_bits_per_byte"))
+        return plot_run(t.run_dir, baselines.named(t.data.manifest))
 
     def close(self) -> None:
         pass

@@ -291,10 +291,11 @@ def format_mtp(r: dict[str, Any]) -> str:
     return f"mtp loss {loss} top-1 {top1}"
 
 
-def format_eval(m: dict[str, Any], xz_bpb: float | None, step: int) -> str:
-    xz = f" (xz -9: {xz_bpb:.3f})" if xz_bpb is not None else ""
+def format_eval(m: dict[str, Any], baselines: dict[str, float], step: int) -> str:
+    """One line; `baselines` ({"xz -9": 1.937, "zpaq -m5": 1.511}) in parentheses after the bits per byte."""
+    bars = ", ".join(f"{name}: {value:.3f}" for name, value in baselines.items())
     mtp = f" | {format_mtp(m)}" if "mtp_loss" in m else ""
     return (
         f"eval step {step}: val loss {m['loss']:.4f} | perplexity {m['perplexity']:.1f} | "
-        f"{m['bits_per_byte']:.3f} bits/byte{xz}{mtp}"
+        f"{m['bits_per_byte']:.3f} bits/byte{f' ({bars})' if bars else ''}{mtp}"
     )

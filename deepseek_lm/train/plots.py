@@ -21,8 +21,9 @@ def _pyplot():
     return plt
 
 
-def plot_loss(run_dir: Path, out: Path, xz_bits_per_byte: float | None) -> Path:
-    """Train and validation bits per byte (tokenizer-independent) with the xz baseline as a line; with
+def plot_loss(run_dir: Path, out: Path, baselines: dict[str, float] | None = None) -> Path:
+    """Train and validation bits per byte (tokenizer-independent) with the compressors' baselines as lines
+    (`baselines`: {"xz -9": 1.937, ...}, data.baselines.named); with
     multi-token prediction also each depth's loss, and below its top-1 agreement with the next token."""
     plt = _pyplot()
     train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
@@ -37,8 +38,8 @@ def plot_loss(run_dir: Path, out: Path, xz_bits_per_byte: float | None) -> Path:
         ax.plot(
             [r["step"] for r in mtp], bpb, f"C{k + 2}", lw=1, alpha=0.8, label=f"MTP depth {k + 1} (train)"
         )
-    if xz_bits_per_byte is not None:
-        ax.axhline(xz_bits_per_byte, color="gray", ls="--", label=f"xz -9 ({xz_bits_per_byte:.2f})")
+    for (name, value), style in zip((baselines or {}).items(), ("--", ":")):
+        ax.axhline(value, color="gray", ls=style, label=f"{name} ({value:.3f})")
     ax.set(ylabel="bits per byte", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -105,9 +106,9 @@ def expert_load_from_metrics(run_dir: Path) -> np.ndarray | None:
     return np.mean(np.array(loads, dtype=np.float64), axis=0) if loads else None
 
 
-def plot_run(run_dir: Path, xz_bits_per_byte: float | None) -> list[Path]:
+def plot_run(run_dir: Path, baselines: dict[str, float] | None = None) -> list[Path]:
     """Write loss.png, lr.png and (for MoE models) expert_load.png into `run_dir`."""
-    paths = [plot_loss(run_dir, run_dir / "loss.png", xz_bits_per_byte), plot_lr(run_dir, run_dir / "lr.png")]
+    paths = [plot_loss(run_dir, run_dir / "loss.png", baselines), plot_lr(run_dir, run_dir / "lr.png")]
     expert_load = expert_load_from_metrics(run_dir)
     if expert_load is not None:
         paths.append(plot_expert_load(expert_load, run_dir / "expert_load.png"))
