@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DEEPSEEK_LM_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
+    if debug:  # processes this one launches (train.cpu_processes) report their errors the same way
+        os.environ["DEEPSEEK_LM_DEBUG"] = "1"
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

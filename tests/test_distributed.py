@@ -124,6 +124,50 @@ def test_two_process_stop_and_resume_equals_uninterrupted(data_dir, ddp_run, ddp
     assert losses(ddp_run) == losses(run)
 
 
+def launched(data_dir, out, *args: str, **popen) -> subprocess.Popen:
+    """`deepseek-lm train --train.cpu_processes 2` started as a user would, no torchrun in sight."""
+    argv = [
+        sys.executable, "-m", "deepseek_lm", "train", *COMMON, "--train.micro_batch_size", "2",
+        "--data-dir", str(data_dir), "--out", str(out), "--train.cpu_processes", "2", *args,
+    ]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_cpu_processes_launch_the_run_torchrun_would(data_dir, ddp_run, tmp_path):
+    proc = launched(data_dir, tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("\nrun ") + out.startswith("run ") == 1  # one process prints
+    assert "2 process(es) · DDP" in out and "finished at step 6/6" in out
+    assert "Warning" not in err and "W1" not in err  # nor torchrun's agent, nor DDP's deprecation
+    assert losses(tmp_path) == losses(ddp_run)  # the same processes, the same arithmetic
+
+
+def test_ctrl_c_stops_the_launched_processes_like_one(data_dir, tmp_path):
+    """torchrun puts each process in a session of its own: the launcher passes the terminal's SIGINT on."""
+    proc = launched(data_dir, tmp_path, "--max-steps", "100000")
+    deadline = time.monotonic() + 300
+    while len(read_metrics(tmp_path, "train")) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # to the launcher alone, as a terminal's Ctrl-C reaches it
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("SIGINT: finishing the current step") == 1 and "stopped by a signal" in out
+    last_logged = max(r["step"] for r in read_metrics(tmp_path, "train"))
+    assert ckpt.latest_checkpoint(tmp_path, training=True).name == f"step_{last_logged:08d}"
+
+
+def test_a_failed_launched_process_ends_in_one_line(tmp_path):
+    proc = launched(tmp_path / "no-such-data", tmp_path / "run")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert "not a prepared data directory" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "deepseek-lm train: error: training process 0 of 2 failed (exit code 2); its error is above"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

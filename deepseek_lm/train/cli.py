@@ -19,7 +19,9 @@ from deepseek_lm import checkpoint as ckpt
 from deepseek_lm.cli import parse_args
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.errors import UserError
+from deepseek_lm.train import launch
 from deepseek_lm.train.config import TRAIN_PRESETS, TrainConfig, preset_defaults
+from deepseek_lm.train.precision import choose_device
 
 # top-level shortcuts (SPEC §2 spellings) for train.* fields
 SHORTCUTS = {
@@ -125,5 +127,7 @@ def main(argv: list[str]) -> int:
         return int(e.code or 0)
     if not argv and os.environ.get("RANK", "0") == "0":
         make_room_for_demo(out)
+    if launch.wanted(train_config.cpu_processes, choose_device(train_config.device).type):
+        return launch.launch(["train", *argv], train_config.cpu_processes)
     train(model_config, train_config, out, resume=resume, preset=preset, stop_at_step=stop_at_step)
     return 0

@@ -92,6 +92,10 @@ class TrainConfig:
     """Recompute each block's activations in the backward pass (less memory, ~30 % more compute)."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state with FSDP2 (for GPUs; also runs on CPU over gloo)."""
+    cpu_processes: int = 1
+    """On a CPU, train in this many local processes (DDP over gloo, launched through torchrun's machinery by
+    the command itself, the cores shared out between them); micro_batch_size is per process. Ignored on a GPU
+    and inside a torchrun job."""
     expert_parallel: int = 1
     """Under torchrun: share each MoE layer's routed experts out over groups of N processes (all-to-all
     dispatch); N divides the process count and n_routed_experts. 1: every process holds every expert."""
@@ -134,6 +138,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = [
             "seq_len", "micro_batch_size", "grad_accum_steps", "log_every", "keep_last", "expert_parallel",
+            "cpu_processes",
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

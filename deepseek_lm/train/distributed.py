@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -150,9 +151,10 @@ def wrap_model(
         names = [name for name, _ in EP.routed_parameters(model)]
         DDP._set_params_and_buffers_to_ignore_for_model(model, names)
     # The MoE bias buffers are updated identically on every rank from all-reduced counts, so DDP need not
-    # broadcast buffers each forward.
+    # broadcast buffers each forward (torch >= 2.13 spells it forward_sync_buffers, and warns at the old name).
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else None
     device_ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids, broadcast_buffers=False)
+    return DDP(model, device_ids=device_ids, **{no_sync or "broadcast_buffers": False})
 
 
 def _fully_shard(model: nn.Module, info: DistInfo, device: torch.device, param_dtype, ep):

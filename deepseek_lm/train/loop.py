@@ -15,6 +15,7 @@ Legend: L MoE layers (the MTP modules' last), E routed experts, K MTP depths.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -63,10 +64,11 @@ class StopSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(
-            f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint",
-            flush=True,
-        )
+        if os.environ.get("RANK", "0") == "0":  # every process of a torchrun job gets it: one says so
+            print(
+                f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint",
+                flush=True,
+            )
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
