@@ -42,6 +42,22 @@ def test_no_decay_on_norms_biases_embeddings_and_no_buffers():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 
+def test_embedding_lr_puts_the_embedding_in_its_own_group_on_the_schedule(tiny_config):
+    m = Small()
+    decay, no_decay, embedding = param_groups(m, 0.1, embedding_lr=0.06)
+    assert embedding["params"] == [m.embed_tokens.weight]
+    assert embedding["lr"] == 0.06 and embedding["weight_decay"] == 0.0
+    assert all(p is not m.embed_tokens.weight for p in decay["params"] + no_decay["params"])
+    model = DeepSeekLM(tiny_config)
+    cfg = TrainConfig(optimizer="muon", lr=1e-3, embedding_lr=1e-2, warmup_steps=2, max_steps=10)
+    opt = build_optimizer(model, cfg, "cpu")
+    scheduler = build_scheduler(opt, cfg, 10)
+    opt.step()
+    scheduler.step()
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(model.embed_tokens.weight)] == pytest.approx(10 * by_param[id(model.lm_head.weight)])
+
+
 def test_tied_head_counted_once_and_not_decayed():
     m = Small()
     m.lm_head.weight = m.embed_tokens.weight

@@ -53,6 +53,8 @@ class TrainConfig:
     each routed expert's matrices), AdamW for embeddings, the LM head, norms and the router."""
     lr: float = 1e-4
     """Peak learning rate (AdamW's)."""
+    embedding_lr: float | None = None
+    """AdamW's peak learning rate for the token embeddings; None: lr. Same schedule."""
     min_lr_ratio: float = 0.1
     """The schedule's floor as a fraction of lr."""
     warmup_steps: int = 1000
@@ -153,6 +155,8 @@ class TrainConfig:
                 "need train.mtp_weight >= 0, train.mtp_weight_final >= 0 and 0 <= train.mtp_weight_switch <= 1 "
                 f"(got {self.mtp_weight}, {self.mtp_weight_final}, {self.mtp_weight_switch})"
             )
+        if self.embedding_lr is not None and self.embedding_lr <= 0:
+            raise UserError(f"train.embedding_lr must be > 0 or None for train.lr (got {self.embedding_lr})")
         if self.muon_lr is not None and self.muon_lr <= 0:
             raise UserError(f"train.muon_lr must be > 0 or None for train.lr (got {self.muon_lr})")
         if not 0 <= self.muon_momentum < 1:

@@ -26,32 +26,44 @@ NS_STEPS = 5
 NS_EPS = 1e-7
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude: frozenset[int] = frozenset()) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    exclude: frozenset[int] = frozenset(),
+    embedding_lr: float | None = None,
+) -> list[dict]:
     """Decay only the matrices that multiply activations: no decay on norms, biases or embeddings.
 
     Weight decay on an embedding pulls rare tokens' rows to zero and on a norm's gain fights the scale it
     learns (as in nanoGPT / GPT-3). The MoE router bias is a buffer, updated by counting, so the optimizer
     never sees it. A tied head is the embedding, so it is not decayed either. `exclude`: ids of parameters
-    another optimizer takes.
+    another optimizer takes. `embedding_lr`: the embedding tables in a third group at that peak rate (None:
+    in the undecayed group at the optimizer's, so that runs without it keep their two groups on resume).
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set(exclude)
+    decay, no_decay, embedding, seen = [], [], [], set(exclude)
     for _name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
-    return [
+        if id(p) in embeddings and embedding_lr is not None:
+            embedding.append(p)
+        else:
+            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if embedding:
+        groups.append({"params": embedding, "weight_decay": 0.0, "lr": embedding_lr})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
     """AdamW over every parameter (`train.optimizer adamw`), or `muon_optimizer`."""
     if cfg.optimizer == "muon":
         return muon_optimizer(model, cfg, device_type)
-    return adamw(param_groups(model, cfg.weight_decay), cfg, device_type)
+    return adamw(param_groups(model, cfg.weight_decay, embedding_lr=cfg.embedding_lr), cfg, device_type)
 
 
 def adamw(groups: list[dict], cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
@@ -112,7 +124,7 @@ def muon_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> Comb
         adjust_lr_fn=cfg.muon_adjust_lr,
     )
     parts: list[torch.optim.Optimizer] = [
-        adamw(param_groups(model, cfg.weight_decay, taken), cfg, device_type)
+        adamw(param_groups(model, cfg.weight_decay, taken, cfg.embedding_lr), cfg, device_type)
     ]
     if matrices:
         parts.append(torch.optim.Muon(matrices, **kwargs))
