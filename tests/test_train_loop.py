@@ -236,6 +236,27 @@ def test_schedule_by_time_decays_to_the_floor_as_the_budget_ends(data_dir, tmp_p
     assert ckpt.read_trainer_state(result.checkpoint)["state"]["train_seconds"] > 0
 
 
+def test_the_budget_reserves_the_final_evaluation_at_each_processs_pace():
+    """Every process scores the whole validation split: with 2 processes each one's share of a step's
+    tokens is half, so its final evaluation takes twice the steps' worth of time one process would."""
+    from types import SimpleNamespace
+
+    from deepseek_lm.train.budget import FINISH_RESERVE_S, TimeBudget
+
+    def budget(world_size):
+        t = SimpleNamespace(
+            state=SimpleNamespace(train_seconds=0.0), cfg=SimpleNamespace(max_time_minutes=10.0),
+            data=SimpleNamespace(manifest={"splits": {"val": {"tokens": 30_000}}}), tokens_per_step=1_000,
+            dist=SimpleNamespace(world_size=world_size),
+        )  # fmt: skip
+        b = TimeBudget(t)
+        t.state.train_seconds, b.steps = 100.0, 100  # 1 s per step
+        return 100.0 / b.progress()  # the usable seconds
+
+    assert budget(1) == pytest.approx(600 - 30_000 / 1_000 / 3 - FINISH_RESERVE_S)
+    assert budget(2) == pytest.approx(600 - 30_000 / 500 / 3 - FINISH_RESERVE_S)
+
+
 def test_bf16_autocast_trains_on_cpu(data_dir, tmp_path):
     model_config, cfg = tiny_configs(data_dir, max_steps=2, precision="bf16", eval_every=0, sample_every=0)
     result = train(model_config, cfg, tmp_path)

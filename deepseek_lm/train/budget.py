@@ -30,8 +30,10 @@ class TimeBudget:
         """Fraction of the budget used, the end-of-run work reserved (estimated from the mean step time)."""
         t = self.t
         step_time = (t.state.train_seconds - self.seconds_before) / self.steps if self.steps else 0.0
-        # the final evaluation is forward-only over the validation split: ~1/3 of a training step per batch
-        final_eval_s = t.data.manifest["splits"]["val"]["tokens"] / t.tokens_per_step / 3 * step_time
+        # the final evaluation is forward-only over the validation split, ~1/3 of a training step per batch,
+        # and every process scores the whole split (evaluate() needs no reduction), at its own share's pace
+        per_process = t.tokens_per_step / t.dist.world_size
+        final_eval_s = t.data.manifest["splits"]["val"]["tokens"] / per_process / 3 * step_time
         usable_s = max(self.total_s - final_eval_s - FINISH_RESERVE_S, 1e-9)
         return t.state.train_seconds / usable_s
 
