@@ -1,9 +1,9 @@
 """Device and precision choice: fp32 on CPU, bf16 autocast on GPUs with bf16, fp16 + gradient scaling else.
 
-On CPUs without native bf16 matmul units (this project's AMD EPYC test machine) bf16 autocast is far
-slower than fp32: a 1024² matmul ran at 0.3 GFLOP/s in bf16 against ~25 GFLOP/s in fp32, and a training
-step of the seed model (8 × 128 tokens) took 8.8 s against 0.28 s. So `auto` picks fp32 on CPU;
-`precision: bf16` remains available for CPUs with AMX / AVX512-BF16.
+On a CPU `auto` picks fp32. On this project's AMD EPYC dev VM (AVX512-BF16, no AMX) oneDNN's bf16 products
+run ~2× its fp32 ones, casts included, yet a bf16 autocast step of the demo took 0.99× the fp32 step's time at
+one thread (2026-12-07; SDPA's bf16 backward and the casts eat the gain); an earlier torch ran bf16 products
+at 0.3 GFLOP/s here. `precision: bf16` remains available.
 """
 
 from __future__ import annotations
