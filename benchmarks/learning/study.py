@@ -7,6 +7,8 @@ against tokens, on this machine, for
         (first_k_dense_replace = num_hidden_layers, intermediate_size = (shared + top-k) × expert size)
     (d) MLA vs plain multi-head attention of the same width (`MHA` below, swapped in through
         `build_trainer(customize=...)`: the library keeps one attention type)
+    (e) the embeddings' own learning rate (train.embedding_lr) vs train.lr for them too
+    (f) 256-token windows, 8 per step, vs the demo's 16 of 128 (the same tokens per step)
 
 each against the demo's recipe (`--preset demo`: the seed architecture on the built-in corpus), at the same
 wall-clock budget and at the same number of tokens.
@@ -51,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.data import baselines
 from deepseek_lm.model.layers import apply_rope, yarn_softmax_scale
 from deepseek_lm.model.mla import MLA, Positions
 from deepseek_lm.train.config import TrainConfig, preset_defaults
@@ -130,6 +133,7 @@ def arms() -> dict[str, Arm]:
     _, demo = preset_defaults("demo")
     other_optimizer = "adamw" if demo["optimizer"] == "muon" else "muon"
     dense_size = (seed.n_shared_experts + seed.num_experts_per_tok) * seed.moe_intermediate_size
+    global_batch = demo["micro_batch_size"] * demo["cpu_processes"]
     all_arms = [
         Arm("demo", f"demo ({demo['optimizer']}, MoE, MLA)"),
         Arm(other_optimizer, other_optimizer, train=OTHER_OPTIMIZER[other_optimizer]),
@@ -140,6 +144,8 @@ def arms() -> dict[str, Arm]:
             model=dict(first_k_dense_replace=seed.num_hidden_layers, intermediate_size=dense_size),
         ),
         Arm("mha", "plain MHA", mha=True),
+        Arm("embedding", "embeddings at train.lr", train=dict(embedding_lr=None)),
+        Arm("seq256", "8 × 256 tokens per step", train=dict(seq_len=256, micro_batch_size=global_batch // 2)),
     ]
     return {a.name: a for a in all_arms}
 
@@ -153,6 +159,9 @@ OTHER_OPTIMIZER = {
 
 def configs(arm: Arm, **train_overrides) -> tuple[DeepSeekConfig, TrainConfig]:
     model, train = preset_defaults("demo")
+    # one process holds the demo's global batch (`make train` shares it out over train.cpu_processes: the
+    # same arithmetic, gradients averaged over the processes)
+    train.update(micro_batch_size=train["micro_batch_size"] * train["cpu_processes"], cpu_processes=1)
     train.update(max_time_minutes=None, schedule_by_time=False, sample_every=0, peak_flops=1e12)
     train.update(arm.train, **train_overrides)
     return DeepSeekConfig.from_dict({**model, **arm.model}), TrainConfig.from_dict(train)
@@ -193,18 +202,29 @@ def time_steps(chosen: list[Arm], rounds: int, steps: int, workdir: Path) -> dic
 
 
 def run_arm(arm: Arm, steps: int, threads: int | None) -> dict:
-    """Train `arm` for `steps` optimizer steps; the validation curve (periodic and final evaluations)."""
+    """Train `arm` for `steps` optimizer steps; the validation curve (periodic and final evaluations) and the
+    training batches' curve (their mean loss over each stretch between evaluations, in bits per byte of the
+    training text): the generalisation gap is the last of the one against the last of the other."""
     from deepseek_lm.train.loop import evaluate, train_step
+    from deepseek_lm.train.monitor import bits_per_byte
 
     if threads:
         torch.set_num_threads(threads)
     every = max(steps // CURVE_POINTS, 1)
     with tempfile.TemporaryDirectory() as tmp:
         t = build(arm, Path(tmp), max_steps=steps)
-        curve, start = [], time.perf_counter()
+        curve, train_curve, losses, start = [], [], [], time.perf_counter()
         for step in range(1, steps + 1):
-            if train_step(t, False).skipped:
+            result = train_step(t, False)
+            if result.skipped:
                 raise RuntimeError(f"{arm.name}: non-finite loss at step {step}")
+            losses.append(result.loss)
+            if step % every == 0 or step == steps:
+                mean = sum(losses) / len(losses)
+                train_curve.append(
+                    {"step": step, "bits_per_byte": bits_per_byte(mean, t.data.bytes_per_token("train"))}
+                )
+                losses = []
             if step % every == 0 and step < steps:
                 curve.append(
                     {"step": step, "bits_per_byte": evaluate(t, t.cfg.eval_batches)["bits_per_byte"]}
@@ -214,9 +234,11 @@ def run_arm(arm: Arm, steps: int, threads: int | None) -> dict:
         counts = t.raw_model.param_counts()
         return {
             "arm": arm.name, "steps": steps, "tokens_per_step": t.tokens_per_step, "curve": curve,
-            "final_bits_per_byte": final["bits_per_byte"], "train_seconds": time.perf_counter() - start,
+            "train_curve": train_curve, "final_bits_per_byte": final["bits_per_byte"],
+            "train_seconds": time.perf_counter() - start,
             "params": counts["total"], "activated": counts["activated"],
             "xz_bits_per_byte": t.data.manifest.get("xz_bits_per_byte"),
+            "baselines": baselines.named(t.data.manifest),
         }  # fmt: skip
 
 
@@ -241,7 +263,8 @@ def run_all(jobs: list[tuple[Arm, int]], parallel: int, done: list[dict] = ()) -
 
 
 PAIRS = [("a", "optimizer", ("adamw", "muon")), ("b", "MTP", ("mtp",)), ("c", "MoE vs dense", ("dense",)),
-         ("d", "MLA vs MHA", ("mha",))]  # fmt: skip
+         ("d", "MLA vs MHA", ("mha",)), ("e", "embedding learning rate", ("embedding",)),
+         ("f", "sequence length", ("seq256",))]  # fmt: skip
 
 
 def plot(results: dict, out: Path) -> None:
@@ -254,7 +277,7 @@ def plot(results: dict, out: Path) -> None:
             for tag, title, names in PAIRS]  # fmt: skip
     rows = [r for r in rows if r[2]]
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.2 * len(rows)), squeeze=False)
-    xz = results["xz_bits_per_byte"]
+    bars = results.get("baselines") or {"xz -9": results["xz_bits_per_byte"]}
     # the first evaluations (bits/byte 3+) would squash the part that decides: cut at the demo's third point
     top = results["equal_time"]["demo"]["curve"][min(2, len(results["equal_time"]["demo"]["curve"]) - 1)]
     top = top["bits_per_byte"] + 0.05
@@ -269,8 +292,8 @@ def plot(results: dict, out: Path) -> None:
             ax_tokens.plot([p["step"] * tokens / 1e6 for p in run_tokens["curve"]],
                            [p["bits_per_byte"] for p in run_tokens["curve"]], "o-", ms=3, label=label)  # fmt: skip
         for ax, xlabel in ((ax_time, "minutes of training steps"), (ax_tokens, "million tokens")):
-            if xz:
-                ax.axhline(xz, color="gray", ls="--", lw=1, label=f"xz -9 ({xz:.3f})")
+            for (bar, value), style in zip(bars.items(), ("--", ":")):
+                ax.axhline(value, color="gray", ls=style, lw=1, label=f"{bar} ({value:.3f})")
             ax.set(xlabel=xlabel, ylabel="validation bits/byte", title=f"({tag}) {title}")
             ax.set_ylim(top=top)
             ax.grid(alpha=0.3)
@@ -282,15 +305,23 @@ def plot(results: dict, out: Path) -> None:
 
 
 def table(results: dict) -> str:
+    """One row per arm; `gap`: the equal-token run's last training batches against its final validation
+    (both in bits per byte; runs made before the training curve was kept show none)."""
     lines = [
-        "| arm | params (activated) | s / step | steps in budget | bits/byte, equal time | bits/byte, equal tokens |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| arm | params (activated) | s / step | steps in budget | bits/byte, equal time | bits/byte, equal tokens "
+        "| train batches (gap) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, seconds in results["step_seconds"].items():
         t, k = results["equal_time"][name], results["equal_tokens"][name]
+        train = k.get("train_curve")
+        gap = (
+            f"{train[-1]['bits_per_byte']:.3f} ({k['final_bits_per_byte'] - train[-1]['bits_per_byte']:.3f})"
+        )
         lines.append(
             f"| {results['labels'][name]} | {t['params'] / 1e6:.2f} M ({t['activated'] / 1e6:.2f} M) | "
-            f"{seconds:.3f} | {t['steps']:,} | {t['final_bits_per_byte']:.3f} | {k['final_bits_per_byte']:.3f} |"
+            f"{seconds:.3f} | {t['steps']:,} | {t['final_bits_per_byte']:.3f} | {k['final_bits_per_byte']:.3f} | "
+            f"{gap if train else ''} |"
         )
     return "\n".join(lines)
 
@@ -361,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_seconds": seconds, "timed_step_seconds": timed, "labels": {a.name: a.label for a in chosen},
         "equal_time": equal_time, "equal_tokens": equal_tokens,
         "xz_bits_per_byte": equal_time["demo"]["xz_bits_per_byte"], "load_after": os.getloadavg(),
+        "baselines": equal_time["demo"].get("baselines"),
     }  # fmt: skip
     out = args.out or RESULTS / f"{info['date']}-{info['commit']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
