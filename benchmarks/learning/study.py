@@ -19,7 +19,8 @@ wall-clock budget and at the same number of tokens.
     python benchmarks/learning/study.py --arms demo dense      # some of the arms
 
 How, so that other work on the machine changes only the timing phase, never the curves:
-1. every arm's optimizer step is timed, the arms alternating in one process (2 threads, as `make train`),
+1. every arm's optimizer step is timed, the arms alternating in one process at the threads each of
+   `make train`'s processes gets (one on 2 cores: train.cpu_processes 2; `--threads` to change it),
    median over rounds → the steps each arm gets in M minutes of training steps (evaluation not counted);
    on a busy machine `--steps N` gives the demo's steps in M minutes as measured on a quiet one (`make
    train`'s log), and the other arms keep the timed ratios;
@@ -57,6 +58,7 @@ from deepseek_lm.data import baselines
 from deepseek_lm.model.layers import apply_rope, yarn_softmax_scale
 from deepseek_lm.model.mla import MLA, Positions
 from deepseek_lm.train.config import TrainConfig, preset_defaults
+from deepseek_lm.train.launch import threads_per_process
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -351,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(arms()), choices=list(arms()))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each when > 1)")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (alternating arms)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="threads of the timing phase (default: those of each of the demo's processes)",
+    )  # fmt: skip
     parser.add_argument("--timing-steps", type=int, default=10, help="steps per arm per timing round")
     parser.add_argument("--time-only", action="store_true", help="print the arms' step times and stop")
     parser.add_argument(
@@ -362,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     chosen = [arms()[name] for name in dict.fromkeys(["demo", *args.arms])]
+    torch.set_num_threads(args.threads or threads_per_process(preset_defaults("demo")[1]["cpu_processes"]))
     info = machine() | {"load_before": os.getloadavg(), "minutes": args.minutes}
     print(
         f"timing {len(chosen)} arms ({args.rounds} rounds × {args.timing_steps} steps, load {info['load_before']})"
