@@ -180,15 +180,17 @@ class TrainConfig:
 #   fixed 1,536k tokens (step-scheduled, one thread each, 2026-12-06): AdamW 1.912 bits/byte, Muon 1.829
 #   (Muon lr 1.2e-2 and weight decay 0.2 were behind at mid-run, linear decay to 0 gave 1.829 too); 16 × 128
 #   tokens per step reach the same 1.828 at those tokens and run 1.27× the tokens/s of 8 × 128 at two
-#   threads (5,813 vs 4,577), 32 × 128 no faster (5,606). Details: benchmarks/learning/README.md.
+#   threads (5,813 vs 4,577), 32 × 128 no faster (5,606). Round two (2026-12-07): the 16 sequences shared by
+#   two one-thread processes (cpu_processes 2, 8 each), and the token embeddings at 10× the rate: at 480
+#   steps 1.874 against 1.900 (30×: 1.886). Details: benchmarks/learning/README.md.
 # fmt: off
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(model="seed"),
     "demo": dict(
-        model="seed", micro_batch_size=16, grad_accum_steps=1, seq_len=128, max_steps=4000,
-        max_time_minutes=7.0, schedule_by_time=True, optimizer="muon", lr=6e-3, warmup_steps=50,
-        weight_decay=0.1, grad_clip=1.0, eval_every=200, eval_batches=10, sample_every=400, save_every=400,
-        log_every=25,
+        model="seed", micro_batch_size=8, cpu_processes=2, grad_accum_steps=1, seq_len=128, max_steps=4000,
+        max_time_minutes=7.0, schedule_by_time=True, optimizer="muon", lr=6e-3, embedding_lr=6e-2,
+        warmup_steps=50, weight_decay=0.1, grad_clip=1.0, eval_every=200, eval_batches=10, sample_every=400,
+        save_every=400, log_every=25,
     ),
     "tiny": dict(
         model="tiny", micro_batch_size=4, grad_accum_steps=2, seq_len=32, max_steps=20, lr=3e-3,
