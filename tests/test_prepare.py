@@ -51,11 +51,23 @@ def test_builtin_corpus_prepares(builtin):
     )
     train, val = m["splits"]["train"], m["splits"]["val"]
     assert train["bytes"] + val["bytes"] >= 1_500_000
-    assert val["documents"] == round(0.05 * (train["documents"] + val["documents"]))
+    library = train["documents"] - m["training_only_documents"] + val["documents"]
+    assert val["documents"] == round(0.05 * library)  # the library's modules are split; the test suites train
     assert len(builtin.tokens("train")) == train["tokens"] and len(builtin.tokens("val")) == val["tokens"]
     assert 0.5 < m["xz_bits_per_byte"] < 4
     assert builtin.bytes_per_token("val") == val["bytes"] / val["tokens"]
     assert len(split_docs(builtin, "val")) == val["documents"]
+
+
+def test_the_test_suites_train_and_validation_stays_the_librarys(builtin):
+    """The test suites' documents join the training split only: both splits of the library's modules are
+    those the library alone splits into, and the test suites' documents follow them in training."""
+    from deepseek_lm.data import sources as src
+
+    train, val, _ = prep.split_documents(src.builtin_documents(), 0.05, 0)
+    assert split_docs(builtin, "val") == val
+    extra = builtin.manifest["training_only_documents"]
+    assert extra > 0 and split_docs(builtin, "train")[:-extra] == train
 
 
 def test_val_txt_encodes_to_val_bin(builtin):

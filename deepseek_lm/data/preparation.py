@@ -220,6 +220,9 @@ def prepare(cfg: PrepareConfig) -> PreparedData:
     _check_replaceable(out)
 
     train_docs, val_docs, split_how = split_documents(read(), cfg.val_fraction, cfg.split_seed)
+    # the built-in corpus: its test suites' prose trains too, validation stays the library's modules
+    training_only = [] if cfg.data or cfg.dataset else src.builtin_training_documents()
+    train_docs += training_only
     tok = _tokenizer(cfg, train_docs)
     add_missing_eot(tok)
     ids = special_token_ids(tok)
@@ -240,6 +243,7 @@ def prepare(cfg: PrepareConfig) -> PreparedData:
             "pad_token_id": ids["pad"],
             "bos_token_id": ids["bos"],
             "split": split_how,
+            "training_only_documents": len(training_only),
             "split_seed": cfg.split_seed,
             "val_fraction": cfg.val_fraction,
             "splits": splits,
@@ -288,7 +292,10 @@ def _source(cfg: PrepareConfig, out: Path) -> tuple[str, dict, Callable[[], list
         return _files_source(cfg, out)
     if cfg.dataset:
         return _dataset_source(cfg)
-    source = f"builtin: Python {sys.version.split()[0]} standard-library docstrings and comments"
+    source = (
+        f"builtin: Python {sys.version.split()[0]} standard-library docstrings and comments "
+        "(its test suites' in training only)"
+    )
     return source, src.builtin_fingerprint(), src.builtin_documents
 
 

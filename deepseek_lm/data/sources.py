@@ -6,7 +6,9 @@ the token files each one is followed by the end-of-text token.
 The built-in corpus is one document per standard-library module (all of its docstrings and comments, in
 source order) plus one per `pydoc_data` help topic. Whole modules rather than single docstrings, because a
 method's docstring repeats its class's words: splitting inside a module would leak near-copies into
-validation, and the validation loss would flatter the model.
+validation, and the validation loss would flatter the model. The standard library's own test suites add
+their docstrings and comments to the training split only (`builtin_training_documents`): more text of the
+same kind to learn from, while validation stays the library's modules.
 """
 
 from __future__ import annotations
@@ -39,20 +41,30 @@ SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 # imported: importing all of the stdlib is slow, has side effects such as `antigravity` opening a browser,
 # and depends on the OS)
 
-BUILTIN_VERSION = 2  # bump whenever the extraction below changes: it invalidates prepared caches
-_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+BUILTIN_VERSION = 3  # bump whenever the extraction below changes: it invalidates prepared caches
+_TEST_DIRS = {"test", "tests", "idle_test"}
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 # comment lines that are instructions to tools, not prose
 _TOOL_COMMENT = re.compile(r"(type:|noqa|pragma|fmt:|pylint:|isort:|-\*-|!|vim?:)", re.IGNORECASE)
 
 
-def _stdlib_files() -> tuple[Path, list[Path]]:
+def _stdlib_files(tests: bool = False) -> tuple[Path, list[Path]]:
+    """The library's own .py sources, or (`tests`) those of its test suites (none where the interpreter was
+    installed without them, as Debian's python3 is)."""
     lib = Path(sysconfig.get_path("stdlib"))
     files = []
     for root, dirs, names in os.walk(lib):
-        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(("config-", "."))]
-        files += [Path(root, n) for n in names if n.endswith(".py") and not n.startswith("_sysconfigdata")]
+        in_tests = not _TEST_DIRS.isdisjoint(Path(root).relative_to(lib).parts)
+        dirs[:] = [
+            d for d in dirs
+            if d not in _SKIP_DIRS and not d.startswith(("config-", ".")) and (tests or d not in _TEST_DIRS)
+        ]  # fmt: skip
+        if in_tests == tests:
+            files += [
+                Path(root, n) for n in names if n.endswith(".py") and not n.startswith("_sysconfigdata")
+            ]
     files.sort(key=lambda p: p.relative_to(lib).parts)  # the walk order is the file system's; sort it
-    if not files:
+    if not files and not tests:
         raise DataError(f"the built-in corpus needs the standard library's .py sources, none found in {lib}")
     return lib, files
 
@@ -144,11 +156,14 @@ def _module_document(name: str, source: bytes, tree: ast.Module, seen: set[str])
     return "\n\n".join(parts) if parts else None
 
 
-def stdlib_modules() -> Iterator[tuple[str, ast.Module, str | None]]:
+def stdlib_modules(
+    tests: bool = False, seen: set[str] | None = None
+) -> Iterator[tuple[str, ast.Module, str | None]]:
     """(module name, syntax tree, its document in the built-in corpus or None) of every standard-library
-    source this interpreter parses, in corpus order. The instruction set (instructions.py) reads these."""
-    lib, files = _stdlib_files()
-    seen: set[str] = set()
+    source this interpreter parses (`tests`: of its test suites), in corpus order; texts already in `seen`
+    (which grows) are left out. The instruction set (instructions.py) reads these."""
+    lib, files = _stdlib_files(tests)
+    seen = set() if seen is None else seen
     for path in files:
         try:
             source = path.read_bytes()
@@ -170,9 +185,20 @@ def builtin_documents() -> list[str]:
     return docs
 
 
+def builtin_training_documents() -> list[str]:
+    """The standard library's test suites, one document per module as the library's (Python 3.11: 735
+    documents, 2.15 MB), for the training split only. A text equal to one of the library's own docstrings or
+    comments is left out: a test that quotes a validation module's docstring must not carry it into training."""
+    library: set[str] = set()
+    for _ in stdlib_modules(seen=library):
+        pass
+    return [doc for _, _, doc in stdlib_modules(tests=True, seen=library) if doc]
+
+
 def builtin_fingerprint() -> dict:
     """What the built-in corpus depends on, cheaply (stat calls, no parsing): the cache key's input part."""
     lib, files = _stdlib_files()
+    files += _stdlib_files(tests=True)[1]
     digest = hashlib.sha256()
     for path in files:
         st = path.stat()
