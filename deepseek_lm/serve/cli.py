@@ -123,12 +123,15 @@ def _engine(args):
             f"{args.checkpoint} has no tokenizer.json to read and write text with: copy its training data's "
             "tokenizer.json (DATA_DIR/tokenizer.json) into the checkpoint directory"
         )
+    chat_format = ChatFormat.for_tokenizer(ckpt.tokenizer, ckpt.chat_template)
     options = dict(
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
         context_length=args.context_length,
         compile=args.compile,
+        # a prefill chunk starts at each user turn: a conversation's next turn reuses its history's chunks
+        chunk_starts=chat_format.user_turn_ids(ckpt.tokenizer),
     )
     if not args.speculative:
         options["prefix_cache_bytes"] = int(args.prefix_cache_mb * 2**20)
@@ -139,7 +142,7 @@ def _engine(args):
     else:
         engine = BatchEngine(ckpt.model, ckpt.tokenizer, **options)
     name = args.model_name or Path(args.checkpoint).resolve().name
-    return engine.start(), name, ChatFormat.for_tokenizer(ckpt.tokenizer, ckpt.chat_template)
+    return engine.start(), name, chat_format
 
 
 def _is_loopback(host: str) -> bool:
