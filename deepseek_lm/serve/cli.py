@@ -49,7 +49,8 @@ def _parser() -> ArgumentParser:
         type=float,
         default=64,
         help="memory for recent prompts' latent caches, reused by prompts that start the same way (a "
-        "conversation's history), chunk by chunk; 0: off (and always off with --speculative)",
+        "conversation's history; an ended chat turn's answer is prefilled into it for the next turn), chunk "
+        "by chunk; 0: off (and always off with --speculative)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (~20 s per shape)")
     p.add_argument(
