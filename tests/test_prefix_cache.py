@@ -272,3 +272,23 @@ def test_the_server_reports_cached_tokens_and_prefills_the_answer_ahead(chat):
         assert metric(page, "deepseek_lm_prefix_cache_bytes") > 0
     finally:
         live.stop()
+
+
+def test_a_turn_that_ends_at_the_context_is_not_prefilled_ahead(chat, capfd):
+    fmt = chat.fmt
+    messages = [{"role": "user", "content": CHATS[2][0]}]
+    ids = chat.tokenizer.encode(fmt.render(messages), add_special_tokens=False).ids
+    engine = BatchEngine(
+        chat.model, chat.tokenizer, max_batch_size=1, prefill_chunk=CHUNK, prefix_cache_bytes=1 << 20,
+        context_length=len(ids) + 6, chunk_starts=fmt.user_turn_ids(chat.tokenizer),
+    ).start()  # fmt: skip
+    try:
+        engine.eos_token_id = None
+        request = engine.submit(ids, Params(max_tokens=6, stop_token_ids=fmt.stop_token_ids))
+        assert [e.finish_reason for e in request.events(timeout=60)][-1] == "length"
+        deadline = time.monotonic() + 30
+        while engine.ahead and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        engine.close()
+    assert engine.prefix_cache.stats()["ahead_tokens"] == 0 and "Traceback" not in capfd.readouterr().err

@@ -451,11 +451,10 @@ class BatchEngine:
             return
         answer = request._answer[:-1] if reason == "eos" else request._answer  # "eos": its last ends the turn
         text = self.tokenizer.decode(answer, skip_special_tokens=True)  # what TextStream sent
-        ids = [
-            *request.prompt_ids,
-            *self.tokenizer.encode(text, add_special_tokens=False).ids,
-            p.stop_token_ids[0],
-        ]
+        answer = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = [*request.prompt_ids, *answer, p.stop_token_ids[0]]
+        if len(ids) >= self.context_length:  # no room for a next turn
+            return
         job = Request(ids, Params(max_tokens=0), _discard)
         job._cuts = chunk_ends(ids, self.prefill_chunk, self.chunk_starts)
         job._keys = chunk_keys(ids, job._cuts)
