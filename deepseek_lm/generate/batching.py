@@ -187,12 +187,11 @@ class BatchEngine:
         prefill_chunk: int = 256,
         context_length: int | None = None,
         compile: bool = False,
-        prefix_cache_bytes: int = 0,
         chunk_starts: Collection[int] = (),
+        prefix_cache_bytes: int = 0,
     ) -> None:
         """`prefix_cache_bytes`: keep up to this many bytes of recent prompts' latents, chunk by chunk, and
-        start a prompt that begins the same way after them (prefix_cache.py; 0: off). `chunk_starts`: tokens
-        before which a prefill chunk starts (a chat template's user-turn token; chunking.py)."""
+        start a prompt that begins the same way after them (prefix_cache.py; 0: off)."""
         cfg = model.config
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise UserError(
@@ -208,6 +207,7 @@ class BatchEngine:
             (i for i in (cfg.pad_token_id, special.get("pad"), self.eos_token_id) if i is not None), 0
         )
         self._device = next(model.parameters()).device
+        # tokens before which a prefill chunk starts: a chat template's user-turn token (chunking.py)
         self.chunk_starts = frozenset(chunk_starts)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         # chat turns that ended, as the conversation's next prompt will start: prefilled into the prefix cache

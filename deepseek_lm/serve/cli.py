@@ -131,11 +131,11 @@ def _engine(args):
         prefill_chunk=args.prefill_chunk,
         context_length=args.context_length,
         compile=args.compile,
-        # a prefill chunk starts at each user turn: a conversation's next turn reuses its history's chunks
-        chunk_starts=chat_format.user_turn_ids(ckpt.tokenizer),
     )
     if not args.speculative:
         options["prefix_cache_bytes"] = int(args.prefix_cache_mb * 2**20)
+    # a prefill chunk starts at each user turn: a conversation's next turn reuses its history's chunks
+    options["chunk_starts"] = chat_format.user_turn_ids(ckpt.tokenizer)
     if args.speculative:
         from deepseek_lm.generate.speculative_batching import SpeculativeBatchEngine
 
