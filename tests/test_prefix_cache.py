@@ -126,6 +126,18 @@ def test_plain_prompts_with_a_shared_prefix_are_the_same_alone_and_in_a_full_bat
     assert all(r.cached_tokens >= len(cached.encode(shots)) - CHUNK for r in again)
 
 
+def test_a_scored_prompt_neither_uses_nor_fills_the_cache(engines):
+    """Prompt log-probabilities need every position's state: the prompt is prefilled whole, and its chunks,
+    which a prefill asked for every state may compute on another path, are not kept."""
+    cached = engines[1]
+    ids = cached.encode(PROMPTS[3])  # several chunks
+    for params in (Params(max_tokens=0, prompt_logprobs=1), Params(max_tokens=2)):
+        request = cached.submit(ids, params)
+        list(request.events(timeout=60))
+        assert request.cached_tokens == 0
+    assert cached.prefix_cache.stats()["queries"] == 1  # the plain prompt's look-up found nothing
+
+
 def test_chunks_end_at_fixed_offsets_and_start_at_each_user_turn():
     U = 9  # the user-turn token
     assert chunk_ends(list(range(20)), 8) == [8, 16, 20]

@@ -429,14 +429,12 @@ class BatchEngine:
     def _plan(self, request: Request) -> None:
         """Cut the prompt into its chunks, and start it after the leading ones the prefix cache holds; its
         last chunk is always computed (its state gives the first token), and a scored prompt, which needs
-        every position's state, is prefilled whole."""
+        every position's state, is prefilled whole and not kept."""
         ids = request.prompt_ids
         request._cuts = chunk_ends(ids, self.prefill_chunk, self.chunk_starts)
-        if self.prefix_cache is None:
+        if self.prefix_cache is None or request.params.prompt_logprobs is not None:
             return
         request._keys = chunk_keys(ids, request._cuts)
-        if request.params.prompt_logprobs is not None:
-            return
         staged = [kv[0] for kv in self._staging.kv]
         n = self.prefix_cache.restore(request._keys[:-1], request._cuts[:-1], staged)
         self.prefix_cache.count(len(ids), n)
@@ -485,7 +483,9 @@ class BatchEngine:
         scored = request.params.prompt_logprobs is not None
         hidden = self._prefill_chunk(request, start, end, every_state=scored)  # (1, D), scored: (1, T, D)
         request._prefilled = end
-        if self.prefix_cache is not None:
+        # a scored prompt's chunks are not kept: a prefill asked for every state may take another path than
+        # the one a prompt's own prefill takes, and the cache must hold what that computes, bitwise
+        if self.prefix_cache is not None and not scored:
             key = request._keys[bisect.bisect_left(request._cuts, end)]
             self.prefix_cache.store(key, start, end, [kv[0] for kv in self._staging.kv])
         if scored:
