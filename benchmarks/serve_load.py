@@ -22,9 +22,10 @@ before and after: figures taken on a busy machine say so.
 
 `--workload chat`: each client holds a --turns-turn conversation (/v1/chat/completions, streamed, greedy,
 --max-tokens per answer; a system message, then one question per turn, each turn re-sending the history
-with the answers so far), the N clients at once; the same against our server with its prefix cache (the
-default) and with `--prefix-cache-mb 0`, rounds alternating. Reported: the time to first token of each turn
-(median over clients and rounds) and, for the later turns, with the cache over without.
+with the answers so far, `--think-ms` after the answer: 0, a program that asks at once; a person reads
+first), the N clients at once; the same against our server with its prefix cache (the default) and with
+`--prefix-cache-mb 0`, rounds alternating. Reported: the time to first token of each turn (median over
+clients and rounds), for the later turns with the cache over without, and the cache's counters.
 """
 
 from __future__ import annotations
@@ -144,10 +145,15 @@ async def _sequential(server: Server, prompts: list[str], max_tokens: int) -> li
         return [await _one(client, server, p, max_tokens) for p in prompts]
 
 
-async def _conversation(client: httpx.AsyncClient, server: Server, questions: list[str], max_tokens: int):
-    """One client's chat, turn by turn -> per turn the time to first token (s) and the tokens generated."""
+async def _conversation(
+    client: httpx.AsyncClient, server: Server, questions: list[str], max_tokens: int, think: float
+):
+    """One client's chat, turn by turn, `think` seconds between an answer and the next question -> per turn
+    the time to first token (s) and the tokens generated."""
     messages, turns = [{"role": "system", "content": SYSTEM}], []
-    for question in questions:
+    for i, question in enumerate(questions):
+        if i:
+            await asyncio.sleep(think)
         messages.append({"role": "user", "content": question})
         body = dict(model=server.model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
                     stream_options={"include_usage": True})  # fmt: skip
@@ -173,13 +179,15 @@ async def _conversation(client: httpx.AsyncClient, server: Server, questions: li
     return turns
 
 
-async def _chats(server: Server, n: int, turns: int, max_tokens: int, tag: str) -> list[list[dict]]:
+async def _chats(
+    server: Server, n: int, turns: int, max_tokens: int, tag: str, think: float = 0.0
+) -> list[list[dict]]:
     talks = [CHAT_TURNS[i % len(CHAT_TURNS)][:turns] for i in range(n)]
     # each conversation its own history (nothing cached from another round or client): the first question
     # is tagged with the round and the client
     talks = [[f"({tag}.{i + 1}) {t[0]}", *t[1:]] for i, t in enumerate(talks)]
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=n + 4)) as client:
-        return await asyncio.gather(*(_conversation(client, server, t, max_tokens) for t in talks))
+        return await asyncio.gather(*(_conversation(client, server, t, max_tokens, think) for t in talks))
 
 
 def _chat_workload(args, env) -> int:
@@ -193,9 +201,12 @@ def _chat_workload(args, env) -> int:
         for r in range(args.rounds):
             for n in args.clients:
                 for s in servers:
-                    talks = asyncio.run(_chats(s, n, args.turns, args.max_tokens, f"{r}.{n}"))
+                    talks = asyncio.run(
+                        _chats(s, n, args.turns, args.max_tokens, f"{r}.{n}", args.think_ms / 1e3)
+                    )
                     results.setdefault(f"{s.name} | {n}", []).extend(talks)
             print(f"round {r + 1}/{args.rounds} done · load {os.getloadavg()[0]:.1f}", flush=True)
+        counters = _prefix_cache_counters(servers[0])
     finally:
         for s in servers:
             s.stop()
@@ -216,10 +227,26 @@ def _chat_workload(args, env) -> int:
         ratios = [a["ttft_p50"] / b["ttft_p50"] for a, b in zip(on[1:], off[1:])]
         print(f"{n} clients, turns 2-{args.turns}: TTFT with the prefix cache / without: "
               + ", ".join(f"{x:.2f}x" for x in ratios))  # fmt: skip
+    print(
+        "prefix cache (the run, warm-up included): " + ", ".join(f"{k} {v:.0f}" for k, v in counters.items())
+    )
     print(f"load average before {info['load_before'][0]:.2f}, after {info['load_after'][0]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(info=info, results=table, raw=results), indent=2) + "\n")
+        out = dict(info=info, results=table, prefix_cache=counters, raw=results)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def _prefix_cache_counters(server: Server) -> dict[str, float]:
+    """The server's prefix-cache series from /metrics: prompts and tokens looked up and reused, tokens
+    prefilled ahead of a next turn."""
+    page = httpx.get(f"{server.url}/metrics", timeout=30).text
+    prefix = "deepseek_lm_prefix_cache_"
+    return {
+        line.split()[0].removeprefix(prefix).removesuffix("_total"): float(line.split()[1])
+        for line in page.splitlines()
+        if line.startswith(prefix) and not line.split()[0].endswith("_created")
+    }
 
 
 def _summary(results: list[dict]) -> dict:
@@ -308,6 +335,12 @@ def main() -> int:
     p.add_argument("--prefill-chunk", type=int, default=256, help="our servers' --prefill-chunk")
     p.add_argument("--workload", choices=["completions", "chat"], default="completions")
     p.add_argument("--turns", type=int, default=4, help="--workload chat: turns per conversation")
+    p.add_argument(
+        "--think-ms",
+        type=float,
+        default=0,
+        help="--workload chat: pause between an answer and the next question",
+    )
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
     env = dict(os.environ)
@@ -364,6 +397,7 @@ def _info(args) -> dict:
         cpus=os.cpu_count(), threads=args.threads or "default", load_before=os.getloadavg(),
         max_tokens=args.max_tokens, rounds=args.rounds, checkpoint=args.checkpoint, workload=args.workload,
         prefill_chunk=args.prefill_chunk, draft_tokens=args.draft_tokens if args.speculative else None,
+        think_ms=args.think_ms if args.workload == "chat" else None,
     )  # fmt: skip
     print(" · ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     return info

@@ -70,6 +70,14 @@ def test_role_tokens_pick_the_token_template_and_its_end_token():
     assert plain.template == PLAIN_CHAT_TEMPLATE and plain.stop == PLAIN_STOP and plain.stop_token_ids == ()
 
 
+def test_the_user_turn_token_is_a_special_token_of_the_user_role_alone():
+    tok = bpe(role_tokens=True)
+    assert ChatFormat.for_tokenizer(tok).user_turn_ids(tok) == (tok.token_to_id("<|user|>"),)
+    assert ChatFormat.for_tokenizer(bpe()).user_turn_ids(bpe()) == ()  # "User:" is text
+    shared = "{% for m in messages %}<|end|>{{ m.role }}: {{ m.content }}{% endfor %}"  # one token, all roles
+    assert ChatFormat.for_tokenizer(tok, shared).user_turn_ids(tok) == ()
+
+
 def test_a_stored_template_wins_and_may_read_the_special_tokens():
     fmt = ChatFormat.for_tokenizer(
         bpe(), "{{ eos_token }}{% for m in messages %}[{{ m.content }}]{% endfor %}"

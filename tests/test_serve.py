@@ -1,6 +1,7 @@
 """The HTTP server, through the official `openai` client and plain HTTP, on a live 127.0.0.1 server."""
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -328,3 +329,12 @@ def test_the_package_and_the_engine_import_no_web_stack():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == ""
+
+
+def test_connections_send_each_event_at_once(server):
+    """Nagle's algorithm off on every connection: with it on, a stream's second small write (the first
+    token after the role event) waited for the client's delayed ACK, up to 40 ms."""
+    with httpx.Client() as client:
+        assert client.get(f"{server.url}/health").status_code == 200  # the connection stays open
+        sockets = [c.transport.get_extra_info("socket") for c in server.server.server_state.connections]
+        assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)

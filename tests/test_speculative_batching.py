@@ -162,6 +162,19 @@ def test_greedy_output_is_plain_servings_and_the_engines(checkpoint, make_engine
     assert sum(a for r in got for _, a in r["rounds"]) > 0  # the trained module drafts some right
 
 
+def test_prompts_cut_at_turn_tokens_give_plain_servings_greedy(make_engine):
+    """Prefill chunks that start before given tokens (a chat's user turns, generate/chunking.py) instead of
+    at fixed offsets: the MTP pairs follow any cut, and greedy output is the plain engine's, cut the same."""
+    probe = make_engine(speculative=False)
+    ids = [probe.encode(p) for p in PROMPTS[:6]]
+    starts = {ids[3][3], ids[1][5]}  # tokens inside the longer prompts
+    plain = make_engine(speculative=False, chunk_starts=starts)
+    fast = make_engine(draft_tokens=2, chunk_starts=starts)
+    params = Params(20, GREEDY)
+    want, got = _run(plain, ids, params), _run(fast, ids, params)
+    assert [(g["tokens"], g["text"]) for g in got] == [(w["tokens"], w["text"]) for w in want]
+
+
 def oracle_drafts(monkeypatch, truth: dict[tuple, list[int]], draft_tokens: int) -> None:
     """After the engine drafts, replace a greedy row's drafts by its plain greedy continuation: every
     round then keeps all D drafts, so that ends fall inside rounds."""

@@ -146,6 +146,22 @@ class ChatFormat:
         mask = [any(a <= start < b for a, b in spans) for start, _ in encoding.offsets]
         return list(encoding.ids), mask
 
+    def user_turn_ids(self, tokenizer: Any) -> tuple[int, ...]:
+        """The special token that opens a user message under this template and no other message, as a
+        tuple; empty where a user message opens with text (the plain template) or a token other roles share.
+        The serving engine starts a prefill chunk before it (generate/chunking.py)."""
+
+        def first(role: str) -> int | None:
+            text = self._render([{"role": role, "content": "x"}], add_generation_prompt=False)
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+            return ids[0] if ids else None
+
+        user = first("user")
+        added = tokenizer.get_added_tokens_decoder().get(user)  # id -> AddedToken
+        if added is None or not added.special or user in (first("system"), first("assistant")):
+            return ()
+        return (user,)
+
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         import jinja2
 

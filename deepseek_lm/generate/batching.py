@@ -11,9 +11,11 @@ leave at step boundaries (what `deepseek-lm serve` runs; SPEC §10).
 Each iteration of the loop (a thread):
 1. drops cancelled requests (a client that left) and admits waiting ones while slots are free;
 2. prefills at most one chunk budget of prompt tokens (`prefill_chunk`), one request at a time, into a
-   one-row staging cache; a prompt is cut into chunks at fixed offsets from its start, so its numbers
-   never depend on what else is queued. A finished prompt samples its first token and its cache row is
-   copied into the next free slot;
+   one-row staging cache; a prompt is cut into chunks by its own tokens (chunking.py: at most
+   `prefill_chunk` tokens, and a chunk starts at each user turn of a chat), so its numbers never depend
+   on what else is queued. A finished prompt samples its first token and its cache row is copied into
+   the next free slot; with nothing left to prefill, a chat turn that just ended is prefilled into the
+   prefix cache as the conversation's next prompt will start (`_prefill_ahead`);
 3. runs one decode step over the occupied slots, which sit at the front of the cache (a leaving row's slot
    is filled with the last row's), and samples every row's next token with that request's own settings
    and `torch.Generator`.
@@ -40,6 +42,7 @@ one-token steps, through the hooks below (`_build`, `_warm_up`, `_prefill_chunk`
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import queue
@@ -47,7 +50,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +58,7 @@ import torch
 
 from deepseek_lm.data.tokenizer import special_token_ids
 from deepseek_lm.errors import UserError
+from deepseek_lm.generate.chunking import chunk_ends
 from deepseek_lm.generate.logits_processing import (
     Processing,
     RowProcessor,
@@ -62,7 +66,7 @@ from deepseek_lm.generate.logits_processing import (
     log_softmax,
     token_logprobs,
 )
-from deepseek_lm.generate.prefix_cache import PrefixCache
+from deepseek_lm.generate.prefix_cache import PrefixCache, chunk_keys
 from deepseek_lm.generate.sampling import SamplingConfig, argmax, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
 from deepseek_lm.model.decode import _KV_CHUNK, Decoder, weights_stamp
@@ -129,9 +133,12 @@ class Request:
         self._queue: queue.SimpleQueue[Event] | None = None if sink else queue.SimpleQueue()
         self._sink = sink or self._queue.put
         self._cancelled = False
-        # the loop's state: tokens prefilled, the next token to feed and its position
+        # the loop's state: the prompt's chunk ends (chunking.py; None until planned) and their prefix cache
+        # keys, tokens prefilled, the tokens generated, the next token to feed and its position
+        self._cuts: list[int] | None = None
+        self._keys: list[bytes] | None = None
         self._prefilled = 0
-        self._looked_up = False  # in the prefix cache
+        self._answer: list[int] = []
         self._next_id = 0
         self._pos = 0
         self._generator: torch.Generator | None = None
@@ -180,6 +187,7 @@ class BatchEngine:
         prefill_chunk: int = 256,
         context_length: int | None = None,
         compile: bool = False,
+        chunk_starts: Collection[int] = (),
         prefix_cache_bytes: int = 0,
     ) -> None:
         """`prefix_cache_bytes`: keep up to this many bytes of recent prompts' latents, chunk by chunk, and
@@ -199,7 +207,12 @@ class BatchEngine:
             (i for i in (cfg.pad_token_id, special.get("pad"), self.eos_token_id) if i is not None), 0
         )
         self._device = next(model.parameters()).device
-        self.prefix_cache = PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # tokens before which a prefill chunk starts: a chat template's user-turn token (chunking.py)
+        self.chunk_starts = frozenset(chunk_starts)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # chat turns that ended, as the conversation's next prompt will start: prefilled into the prefix cache
+        # when nothing else waits to be prefilled (`_prefill_ahead`); the oldest dropped beyond one per slot
+        self._ahead: collections.deque[Request] = collections.deque(maxlen=max_batch_size)
         self._build()
         self._stamp = weights_stamp(model)
         self._rows: list[Request] = []  # decoding, in cache slots 0..n-1
@@ -282,6 +295,11 @@ class BatchEngine:
             self._lock.notify()
         return requests
 
+    @property
+    def ahead(self) -> int:
+        """Ended chat turns still waiting to be prefilled for the conversation's next turn (`_prefill_ahead`)."""
+        return len(self._ahead)
+
     def stats(self) -> dict[str, int]:
         """Requests waiting for a slot, being prefilled, and decoding (a snapshot)."""
         with self._lock:
@@ -333,7 +351,9 @@ class BatchEngine:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._closing or self._waiting or self._prefilling or self._rows):
+                    while not (
+                        self._closing or self._waiting or self._prefilling or self._rows or self._ahead
+                    ):
                         self._lock.wait()
                     if self._closing:
                         break
@@ -357,24 +377,32 @@ class BatchEngine:
         if stamp is not None and stamp != self._stamp:
             self._build()
             self._stamp = stamp
+            if self.prefix_cache is not None:  # its latents are the old weights'
+                self.prefix_cache.clear()
+            self._ahead.clear()
 
     def _iteration(self) -> None:
         self._drop_cancelled()
         budget = self.prefill_chunk  # prompt tokens this iteration: whole chunks, at least one
         while self._prefilling:
             request = self._prefilling[0]
-            if not request._looked_up:
-                request._looked_up = True
-                self._guarded([request], self._restore_prefix, request)
+            if request._cuts is None:
+                self._guarded([request], self._plan, request)
                 if request.done:
                     continue
             start = request._prefilled
-            # chunks at fixed offsets from the prompt's start: its numbers never depend on the queue
-            end = min((start // self.prefill_chunk + 1) * self.prefill_chunk, request.prompt_tokens)
+            # the prompt's own chunks (chunking.py): its numbers never depend on the queue
+            end = request._cuts[bisect.bisect_right(request._cuts, start)]
             if end - start > budget:
                 break
             budget -= end - start
             self._guarded([request], self._prefill, request, start, end)
+        if self._ahead and not self._prefilling:
+            try:
+                self._prefill_ahead(budget)
+            except Exception:  # work for no request: dropped, nothing else disturbed
+                traceback.print_exc(file=sys.stderr)
+                self._ahead.popleft()
         if self._rows:
             self._guarded(list(self._rows), self._decode_step)
 
@@ -398,20 +426,68 @@ class BatchEngine:
             self._release(request)
             self._finish(request, "cancelled")
 
-    def _restore_prefix(self, request: Request) -> None:
-        """Start the prompt after its leading chunks that the prefix cache holds (a scored prompt needs
-        every position's state: it is prefilled whole)."""
+    def _plan(self, request: Request) -> None:
+        """Cut the prompt into its chunks, and start it after the leading ones the prefix cache holds; its
+        last chunk is always computed (its state gives the first token), and a scored prompt, which needs
+        every position's state, is prefilled whole and not kept."""
+        ids = request.prompt_ids
+        request._cuts = chunk_ends(ids, self.prefill_chunk, self.chunk_starts)
         if self.prefix_cache is None or request.params.prompt_logprobs is not None:
             return
-        n = self.prefix_cache.restore(request.prompt_ids, [kv[0] for kv in self._staging.kv])
+        request._keys = chunk_keys(ids, request._cuts)
+        staged = [kv[0] for kv in self._staging.kv]
+        n = self.prefix_cache.restore(request._keys[:-1], request._cuts[:-1], staged)
+        self.prefix_cache.count(len(ids), n)
         request._prefilled = request.cached_tokens = n
+
+    def _queue_ahead(self, request: Request) -> None:
+        """A chat turn ended: queue what the conversation's next prompt starts with, for `_prefill_ahead`:
+        the turn's prompt, its answer as the next prompt carries it (the text the client was sent, encoded
+        again: a model may have split a word where the tokenizer would not) and the end-of-turn token."""
+        p, reason = request.params, request.finish_reason
+        if self.prefix_cache is None or not p.stop_token_ids or reason not in ("eos", "length"):
+            return
+        answer = request._answer[:-1] if reason == "eos" else request._answer  # "eos": its last ends the turn
+        text = self.tokenizer.decode(answer, skip_special_tokens=True)  # what TextStream sent
+        answer = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = [*request.prompt_ids, *answer, p.stop_token_ids[0]]
+        if len(ids) >= self.context_length:  # no room for a next turn
+            return
+        job = Request(ids, Params(max_tokens=0), _discard)
+        job._cuts = chunk_ends(ids, self.prefill_chunk, self.chunk_starts)
+        job._keys = chunk_keys(ids, job._cuts)
+        self._ahead.append(job)
+
+    def _prefill_ahead(self, budget: int) -> None:
+        """Prefill the oldest ended turn's chunks that the prefix cache lacks (the previous answer's, as the
+        next prompt will cut them), within `budget` tokens, and keep them there: the next turn's prompt
+        then computes only its new question. Unfinished, the turn goes on at a later iteration, from the
+        cache (the staging cache may be another prompt's by then); a next turn that comes first computes
+        the chunks itself and leaves this nothing to do. The chunks are computed exactly as the next
+        prompt's prefill computes them (`_prefill_chunk`), so reusing them changes no number."""
+        job, staged = self._ahead[0], [kv[0] for kv in self._staging.kv]
+        start = self.prefix_cache.restore(job._keys, job._cuts, staged)
+        for key, end in zip(job._keys, job._cuts):
+            if end <= start:
+                continue
+            if end - start > budget:
+                return
+            self._prefill_chunk(job, start, end)
+            self.prefix_cache.store(key, start, end, staged)
+            self.prefix_cache.ahead_tokens += end - start
+            budget -= end - start
+            start = end
+        self._ahead.popleft()
 
     def _prefill(self, request: Request, start: int, end: int) -> None:
         scored = request.params.prompt_logprobs is not None
         hidden = self._prefill_chunk(request, start, end, every_state=scored)  # (1, D), scored: (1, T, D)
         request._prefilled = end
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(request.prompt_ids, end, [kv[0] for kv in self._staging.kv])
+        # a scored prompt's chunks are not kept: a prefill asked for every state may take another path than
+        # the one a prompt's own prefill takes, and the cache must hold what that computes, bitwise
+        if self.prefix_cache is not None and not scored:
+            key = request._keys[bisect.bisect_left(request._cuts, end)]
+            self.prefix_cache.store(key, start, end, [kv[0] for kv in self._staging.kv])
         if scored:
             self._score_prompt(request, self.decoder.logits(hidden)[0], start, end)
             hidden = hidden[:, -1]
@@ -523,6 +599,7 @@ class BatchEngine:
         """One generated token of the request -> its event (with a finish reason when it ends the request).
         `logits` (V,) are the model's, before the request's processing."""
         request.completion_tokens += 1
+        request._answer.append(token)
         request._next_id = token
         request._processor.accept(token)
         p = request.params
@@ -545,6 +622,10 @@ class BatchEngine:
             return Event(piece, [token], time.monotonic(), logits=kept, logprobs=logprobs)
         request.finish_reason = reason
         text = piece + request._stream.finish()
+        try:
+            self._queue_ahead(request)
+        except Exception:  # an optimisation for the next turn: never this request's failure
+            traceback.print_exc(file=sys.stderr)
         return Event(text, [token], time.monotonic(), reason, logits=kept, logprobs=logprobs)
 
     def _send(self, request: Request, event: Event) -> None:
@@ -599,6 +680,10 @@ class BatchEngine:
                 self._waiting.clear()
         for request in doomed:
             self._finish(request, "error", why)
+
+
+def _discard(event: Event) -> None:
+    """The sink of the engine's own work (`_queue_ahead`): no one reads it."""
 
 
 def _internal(e: Exception) -> str:

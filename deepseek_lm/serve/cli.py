@@ -49,7 +49,8 @@ def _parser() -> ArgumentParser:
         type=float,
         default=64,
         help="memory for recent prompts' latent caches, reused by prompts that start the same way (a "
-        "conversation's history), chunk by chunk; 0: off (and always off with --speculative)",
+        "conversation's history; an ended chat turn's answer is prefilled into it for the next turn), chunk "
+        "by chunk; 0: off (and always off with --speculative)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (~20 s per shape)")
     p.add_argument(
@@ -123,6 +124,7 @@ def _engine(args):
             f"{args.checkpoint} has no tokenizer.json to read and write text with: copy its training data's "
             "tokenizer.json (DATA_DIR/tokenizer.json) into the checkpoint directory"
         )
+    chat_format = ChatFormat.for_tokenizer(ckpt.tokenizer, ckpt.chat_template)
     options = dict(
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
@@ -132,6 +134,8 @@ def _engine(args):
     )
     if not args.speculative:
         options["prefix_cache_bytes"] = int(args.prefix_cache_mb * 2**20)
+    # a prefill chunk starts at each user turn: a conversation's next turn reuses its history's chunks
+    options["chunk_starts"] = chat_format.user_turn_ids(ckpt.tokenizer)
     if args.speculative:
         from deepseek_lm.generate.speculative_batching import SpeculativeBatchEngine
 
@@ -139,7 +143,7 @@ def _engine(args):
     else:
         engine = BatchEngine(ckpt.model, ckpt.tokenizer, **options)
     name = args.model_name or Path(args.checkpoint).resolve().name
-    return engine.start(), name, ChatFormat.for_tokenizer(ckpt.tokenizer, ckpt.chat_template)
+    return engine.start(), name, chat_format
 
 
 def _is_loopback(host: str) -> bool:

@@ -65,6 +65,7 @@ class _PrefixCacheCollector:
             ("hits", "hits", "prompts that reused cached chunks"),
             ("query_tokens", "query_tokens", "prompt tokens looked up in the prefix cache"),
             ("hit_tokens", "hit_tokens", "prompt tokens whose latents came from the prefix cache"),
+            ("ahead_tokens", "ahead_tokens", "tokens of ended chat turns prefilled for the next turn"),
         ):
             yield CounterMetricFamily(f"deepseek_lm_prefix_cache_{name}", doc, value=s[key])
         yield GaugeMetricFamily(
