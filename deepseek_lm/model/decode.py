@@ -418,6 +418,12 @@ class Decoder:
                 kv_chunk=_KV_CHUNK if batch_invariant else 0,
             )
 
+    def with_argmax(
+        self, ids: torch.Tensor, cache: LatentCache, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`self(...)`, and each row's greedy next token (B,) where the step computes it (else None)."""
+        return self(ids, cache, start_pos), None
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., D) -> logits (..., V)."""
         return _head(self.weights, hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)

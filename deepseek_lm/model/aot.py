@@ -1,0 +1,238 @@
+"""The decode step compiled ahead of time with AOTInductor: a shared library of C++ kernels that its own C++
+code calls one after the other, with no Python between operations (on a CPU at batch 1 the step is ~70
+small kernels, and Python's dispatch of each used to cost more than its arithmetic).
+
+`CompiledStep(weights, batch_size)` exports `decode_step` of a `DecoderWeights` layout (model/decode.py)
+plus each row's greedy next token with `torch.export`, compiles it with
+`torch._inductor.aoti_compile_and_package` and loads it with `aoti_load_package`. The weights are inputs
+of the compiled step, not constants baked into it: one artifact serves every checkpoint of a configuration
+and weights that change between calls (a model in training) need no new compile. The cache length is a
+dynamic dimension (one artifact for every prompt and output length), and so is the batch where the step
+runs every routed expert (`decode.dense_experts`); below that each batch size has its own.
+
+Artifacts are cached on disk (`cache_dir()`, `$DEEPSEEK_LM_CACHE` or ~/.cache/deepseek-lm), keyed by all
+they depend on: the configuration, the weights' shapes and layouts, the batch size (or the dynamic range),
+the dtype, the torch version, the CPU's vector instruction set, the thread count
+the kernels were generated for, and the source of the decode code. A cold start compiles (~40-80 s on the
+2-core dev VM), a warm one loads the library (~0.1 s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepseek_lm.model import decode, moe, onednn
+from deepseek_lm.model.decode import Decoder
+from deepseek_lm.model.mla import LatentCache, token_positions
+from deepseek_lm.model.transformer import DeepSeekLM
+
+_MAX_BATCH = 1024  # the dynamic batch dimension's upper bound (dense steps)
+_LOADED: dict[str, Any] = {}  # key -> the loaded package's runner, shared by every decoder in the process
+
+
+class CompileNotice(UserWarning):
+    """The decode step is being compiled (once per configuration and machine; cached on disk)."""
+
+
+def cache_dir() -> Path:
+    """$DEEPSEEK_LM_CACHE/aot, else ~/.cache/deepseek-lm/aot (or under $XDG_CACHE_HOME)."""
+    if root := os.environ.get("DEEPSEEK_LM_CACHE"):
+        return Path(root) / "aot"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deepseek-lm" / "aot"
+
+
+@functools.cache
+def available() -> bool:
+    """Whether steps can be compiled here: a C++ compiler that inductor will call (g++, or $CXX)."""
+    from torch._inductor import config
+
+    return shutil.which(config.cpp.cxx[1] or "g++") is not None
+
+
+def default_on(model: torch.nn.Module) -> bool:
+    """Whether the engines use compiled steps unless told otherwise: a CPU model in fp32 where a C++
+    compiler is, unless $DEEPSEEK_LM_AOT is 0."""
+    p = next(model.parameters())
+    on = os.environ.get("DEEPSEEK_LM_AOT", "1") != "0"
+    return on and p.device.type == "cpu" and p.dtype == torch.float32 and available()
+
+
+def supports(weights: decode.DecoderWeights, device: torch.device) -> bool:
+    """A CPU step in fp32 or bf16 whose weights are plain tensors (no oneDNN-packed ones)."""
+    tensors = flatten(weights)
+    return (
+        device.type == "cpu"
+        and weights.embed.dtype in (torch.float32, torch.bfloat16)
+        and not any(t.is_mkldnn for t in tensors)
+        and available()
+    )
+
+
+class CompiledStep:
+    """`step(ids_BT, pos_BT, kvs)` -> (logits (B, V), greedy next ids (B,)) = `decode_step(weights, ...,
+    masked=True)` and its argmax, through the compiled library. kvs: per layer the whole (B, L, r + dr)
+    cache, contiguous; any L from 2 to the context."""
+
+    def __init__(self, weights: decode.DecoderWeights, batch_size: int, dense: bool) -> None:
+        self.template = weights
+        self.weights = flatten(weights)
+        self.dynamic_batch = dense  # a dense step does the same work for every batch size: one library
+        self.key = _key(weights, None if dense else batch_size)
+        self.runner = _LOADED.get(self.key) or self._load(batch_size)
+        _LOADED[self.key] = self.runner
+
+    def __call__(
+        self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        next_ids, logits = self.runner.run([ids_BT, pos_BT, *kvs, *self.weights])
+        return logits, next_ids
+
+    def _load(self, batch_size: int) -> Any:
+        path = cache_dir() / self.key / "decode_step.pt2"
+        if not path.exists():
+            warnings.warn(
+                f"compiling the decode step for this model and batch size once (about a minute on 2 cores); "
+                f"cached in {path.parent}",
+                CompileNotice,
+                stacklevel=4,
+            )
+            _compile(self.template, batch_size, self.dynamic_batch, path)
+        return torch._inductor.aoti_load_package(str(path)).loader
+
+
+class AOTDecoder(Decoder):
+    """A `Decoder` whose one-token steps run through a `CompiledStep` (built, or loaded from the disk cache,
+    with the decoder): `decoder(ids, cache, start_pos)` as `Decoder`'s, and `with_argmax` gives each row's
+    greedy next token, taken in the step, beside the logits. The cache must be contiguous (a
+    `LatentCache`'s is); the step attends to all of it under the causal mask."""
+
+    def __init__(self, model: DeepSeekLM, batch_size: int) -> None:
+        super().__init__(model, batch_size, compile=True)  # the compiled graphs' layout, no packed weights
+        if self.weights.head_packed is not None:  # the head runs inside the step: its plain (D, V) copy
+            head = model.lm_head.weight.detach().t().contiguous()
+            self.weights = dataclasses.replace(self.weights, head_DV=head, head_packed=None)
+        self.compile = False
+        self.compiled = CompiledStep(self.weights, batch_size, self.dense)
+
+    def __call__(self, ids: torch.Tensor, cache: LatentCache, start_pos: int | torch.Tensor) -> torch.Tensor:
+        return self.with_argmax(ids, cache, start_pos)[0]
+
+    def with_argmax(
+        self, ids: torch.Tensor, cache: LatentCache, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T = ids.shape
+        if T != 1 or cache.max_len < 2:  # several tokens a row (or a 1-position cache): the eager step
+            return super().__call__(ids, cache, start_pos), None
+        start, pos_BT, _ = token_positions(
+            start_pos, B, T, ids.device, self.weights.rope.shape[1], cache.max_len
+        )
+        if start is not None:
+            pos_BT = torch.full((B, 1), start, dtype=torch.long, device=ids.device)
+        return self.compiled(ids, pos_BT, cache.kv)
+
+
+class _Step(torch.nn.Module):
+    """What is exported: the step over weights passed in (the template gives their structure)."""
+
+    def __init__(self, template: decode.DecoderWeights) -> None:
+        super().__init__()
+        self.template = template
+
+    def forward(self, ids_BT, pos_BT, kvs, weights):
+        logits = decode.decode_step(unflatten(self.template, weights), ids_BT, pos_BT, kvs, masked=True)
+        return logits.argmax(-1), logits
+
+
+def _compile(weights: decode.DecoderWeights, batch_size: int, dynamic_batch: bool, path: Path) -> None:
+    cfg = weights.config
+    B = max(batch_size, 2) if dynamic_batch else batch_size  # an example of 1 would specialise the dim to 1
+    L = min(64, cfg.max_position_embeddings)
+    dtype, dev = weights.embed.dtype, weights.embed.device
+    ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+    pos = torch.full((B, 1), L - 1, dtype=torch.long, device=dev)
+    kvs = [torch.zeros(B, L, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=dtype) for _ in weights.attn]
+    Ld = torch.export.Dim("L", min=2, max=cfg.max_position_embeddings)
+    Bd = torch.export.Dim("B", min=B, max=_MAX_BATCH) if dynamic_batch else None
+    rows = {0: Bd} if Bd is not None else {}
+    shapes = (rows, rows, [{**rows, 1: Ld}] * len(kvs), [None] * len(flatten(weights)))
+    with torch.no_grad():
+        program = torch.export.export(
+            _Step(weights), (ids, pos, kvs, flatten(weights)), dynamic_shapes=shapes
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # compiled beside its final place, then renamed: a reader never sees half a file
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            built = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / path.name))
+            os.replace(built, path)
+
+
+def flatten(weights: decode.DecoderWeights) -> list[torch.Tensor]:
+    """The tensors of a `DecoderWeights`, in field order (layers in turn), None fields left out."""
+    out = []
+    for f in dataclasses.fields(weights):
+        value = getattr(weights, f.name)
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, list):
+            out += [t for layer in value for t in flatten_layer(layer)]
+    return out
+
+
+def flatten_layer(layer: Any) -> list[torch.Tensor]:
+    return [t for f in dataclasses.fields(layer) if isinstance(t := getattr(layer, f.name), torch.Tensor)]
+
+
+def unflatten(template: decode.DecoderWeights, tensors: list[torch.Tensor]) -> decode.DecoderWeights:
+    """`template` with its tensors replaced by `tensors` (as `flatten` lists them)."""
+    it = iter(tensors)
+
+    def fill(obj: Any) -> Any:
+        changes = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, torch.Tensor):
+                changes[f.name] = next(it)
+            elif isinstance(value, list):
+                changes[f.name] = [fill(layer) for layer in value]
+        return dataclasses.replace(obj, **changes)
+
+    return fill(template)
+
+
+def _key(weights: decode.DecoderWeights, batch_size: int | None) -> str:
+    """A hash of everything the compiled library depends on (batch_size None: the dynamic dense batch)."""
+
+    def structure(obj: Any) -> Any:  # every field but the tensors' values: shapes, strides, dtypes, ints
+        if isinstance(obj, torch.Tensor):
+            return [list(obj.shape), list(obj.stride()), str(obj.dtype)]
+        if isinstance(obj, list):
+            return [structure(v) for v in obj]
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            if obj is weights.config:
+                return obj.to_dict()
+            return {f.name: structure(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return obj
+
+    code = "".join(inspect.getsource(m) for m in (decode, moe, onednn, sys.modules[__name__]))
+    parts = dict(
+        weights=structure(weights),
+        batch=batch_size,
+        torch=torch.__version__,
+        isa=torch.backends.cpu.get_cpu_capability(),  # what inductor's kernels are built for
+        threads=torch.get_num_threads(),
+        code=hashlib.sha256(code.encode()).hexdigest(),
+    )
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

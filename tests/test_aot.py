@@ -1,0 +1,154 @@
+"""The decode step compiled ahead of time (model/aot.py) against the model's own cached forward, and the
+engine on it against the eager engine. Compiling costs ~1 min per library on 2 cores: every test here uses
+the tiny config, whose two libraries (batch 1, gathered experts; batches of 2 and more, every expert) are
+built once per machine into the disk cache and shared through the session's fixtures."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from deepseek_lm.config import DeepSeekConfig
+from deepseek_lm.generate import Engine, SamplingConfig
+from deepseek_lm.model import aot, get_model
+from deepseek_lm.model.aot import AOTDecoder, CompileNotice
+from deepseek_lm.model.decode import Decoder
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not aot.available(), reason="no C++ compiler for inductor"),
+]
+ATOL = 1e-5
+GREEDY = SamplingConfig(temperature=0)
+
+
+def _tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = get_model(DeepSeekConfig.from_preset("tiny")).eval()
+    with torch.no_grad():  # a non-zero selection bias, so that biased routing is exercised
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def decoders():
+    """Batch 1 and batch 3 decoders of one tiny model (their libraries compiled once, or loaded)."""
+    model = _tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompileNotice)
+        return model, {1: AOTDecoder(model, 1), 3: AOTDecoder(model, 3)}
+
+
+def _compare(model, decoder, prompts, steps):
+    """Prefill through the model, then decode through the compiled step and through model(...) with a
+    cache each; -> max logit difference, whether argmax matched every step, the two caches."""
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    ours, ref = (model.new_cache(B, max(lengths) + steps) for _ in range(2))
+    prompt = torch.zeros(B, max(lengths), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        prompt[b, : len(p)] = torch.tensor(p)
+    worst, same_argmax = 0.0, True
+    pos = torch.tensor(lengths) - 1
+    with torch.no_grad():
+        for cache in (ours, ref):
+            model(prompt, cache=cache, start_pos=0)
+        ids = prompt.gather(1, pos[:, None])
+        for _ in range(steps):
+            logits, greedy = decoder.with_argmax(ids, ours, pos)
+            expected = model(ids, cache=ref, start_pos=pos).logits[:, -1]
+            worst = max(worst, (logits - expected).abs().max().item())
+            same_argmax &= bool((greedy == logits.argmax(-1)).all())
+            ids, pos = expected.argmax(-1, keepdim=True), pos + 1
+    return worst, same_argmax, ours, ref
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_step_equals_the_models_forward(decoders, batch):
+    model, decs = decoders
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]][:batch]  # ragged: per-row positions
+    worst, same_argmax, ours, ref = _compare(model, decs[batch], prompts, steps=6)
+    assert worst < ATOL
+    assert same_argmax
+    for a, b in zip(ours.kv, ref.kv):  # the latents it wrote
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_one_library_serves_every_cache_length_and_dense_batch_size(decoders):
+    model, decs = decoders
+    key = decs[3].compiled.key
+    assert (
+        AOTDecoder(model, 2).compiled.key == key == AOTDecoder(model, 5).compiled.key
+    )  # dense: dynamic batch
+    assert AOTDecoder(model, 1).compiled.key == decs[1].compiled.key != key
+    for steps in (3, 40):  # cache lengths 8 and 45
+        worst, _, _, _ = _compare(model, AOTDecoder(model, 2), [[1, 2, 3, 4, 5], [6]], steps)
+        assert worst < ATOL
+
+
+def test_weights_are_inputs_not_constants(decoders):
+    """Another model of the same configuration runs on the same library with its own weights."""
+    _, decs = decoders
+    other = _tiny_model(seed=1)
+    decoder = AOTDecoder(other, 1)
+    assert decoder.compiled.runner is decs[1].compiled.runner
+    worst, _, _, _ = _compare(other, decoder, [[3, 1, 4, 1, 5]], steps=4)
+    assert worst < ATOL
+
+
+def test_engine_greedy_tokens_equal_the_eager_engines(decoders):
+    model, _ = decoders
+    eager, compiled = Engine(model, aot=False), Engine(model, aot=True)
+    for prompts in ([[5, 6, 7]], [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]):
+        want = [c.token_ids for c in eager.generate_ids(prompts, 12, sampling=GREEDY)]
+        assert [c.token_ids for c in compiled.generate_ids(prompts, 12, sampling=GREEDY)] == want
+    sampled = [c.token_ids for c in eager.generate_ids([[5, 6, 7]], 12, seed=3)]
+    assert [c.token_ids for c in compiled.generate_ids([[5, 6, 7]], 12, seed=3)] == sampled
+
+
+def test_engine_follows_weights_that_change_between_calls(decoders):
+    model = _tiny_model(seed=2)
+    engine, prompt = Engine(model, aot=True), [[5, 6, 7]]
+    before = engine.generate_ids(prompt, 8, sampling=GREEDY, output_logits=True)[0].logits
+    with torch.no_grad():
+        model.layers[0].mlp.experts.down_proj.mul_(-3)  # in place: the weights' version stamp moves
+    got = engine.generate_ids(prompt, 8, sampling=GREEDY, output_logits=True)[0].logits
+    want = Engine(model, aot=False).generate_ids(prompt, 8, sampling=GREEDY, output_logits=True)[0].logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert not torch.allclose(got[0], before[0])
+
+
+def test_a_new_process_loads_the_library_from_disk(decoders):
+    """The second start finds the compiled library: no CompileNotice (raised as an error here)."""
+    code = (
+        "import warnings, torch\n"
+        "from deepseek_lm.model.aot import AOTDecoder, CompileNotice\n"
+        "warnings.simplefilter('error', CompileNotice)\n"
+        "torch.set_num_threads(1)\n"
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from test_aot import _tiny_model\n"
+        "AOTDecoder(_tiny_model(), 1)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_the_key_follows_what_the_library_depends_on(decoders, monkeypatch):
+    _, decs = decoders
+    w = decs[1].weights
+    assert aot._key(w, 1) == decs[1].compiled.key
+    assert aot._key(w, 2) != aot._key(w, 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert aot._key(w, 1) != decs[1].compiled.key
+    monkeypatch.undo()
+    wider = get_model(DeepSeekConfig.from_preset("tiny", max_position_embeddings=512)).eval()
+    assert aot._key(Decoder(wider, 1, compile=True).weights, 1) != aot._key(w, 1)
+
+
+def test_engines_decode_eagerly_where_no_compiler_is(monkeypatch):
+    monkeypatch.setattr(aot, "available", lambda: False)
+    monkeypatch.setenv("DEEPSEEK_LM_AOT", "1")
+    assert not Engine(_tiny_model()).aot
+    monkeypatch.setattr(aot, "available", lambda: True)
+    assert Engine(_tiny_model()).aot and not Engine(_tiny_model(), compile=True).aot
