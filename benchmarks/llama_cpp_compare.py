@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import llama_cpp
-import serve_load
-
+from deepseek_lm.bench import llama_cpp
 from deepseek_lm.generate.engine import Engine
 from deepseek_lm.generate.sampling import SamplingConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+import serve_load
 
 GREEDY = SamplingConfig(temperature=0)
 

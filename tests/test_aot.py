@@ -137,13 +137,16 @@ def test_a_new_process_loads_the_library_from_disk(decoders):
 def test_the_key_follows_what_the_library_depends_on(decoders, monkeypatch):
     _, decs = decoders
     w = decs[1].weights
-    assert aot._key(w, 1) == decs[1].compiled.key
-    assert aot._key(w, 2) != aot._key(w, 1)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert aot._key(w, 1) != decs[1].compiled.key
+    one = aot.Shapes(1)
+    assert aot._key(w, one) == decs[1].compiled.key
+    dense = aot.Shapes(2, dynamic_batch=True)
+    assert aot._key(w, aot.Shapes(2)) != aot._key(w, one) != aot._key(w, dense)
+    assert aot._key(w, dense) != aot._key(w, aot.Shapes(2, dynamic_batch=True, slot_positions=9))
+    monkeypatch.setattr(torch, "__version__", "0.0")
+    assert aot._key(w, one) != decs[1].compiled.key
     monkeypatch.undo()
     wider = get_model(DeepSeekConfig.from_preset("tiny", max_position_embeddings=512)).eval()
-    assert aot._key(Decoder(wider, 1, compile=True).weights, 1) != aot._key(w, 1)
+    assert aot._key(Decoder(wider, 1, compile=True).weights, one) != aot._key(w, one)
 
 
 def test_engines_decode_eagerly_where_no_compiler_is(monkeypatch):
@@ -152,3 +155,27 @@ def test_engines_decode_eagerly_where_no_compiler_is(monkeypatch):
     assert not Engine(_tiny_model()).aot
     monkeypatch.setattr(aot, "available", lambda: True)
     assert Engine(_tiny_model()).aot and not Engine(_tiny_model(), compile=True).aot
+
+
+def test_batch_engine_serves_each_request_as_the_eager_engine_decodes_it_alone(decoders, tmp_path_factory):
+    """Continuous batching on compiled steps (batch 1, then the dense library over strided slots): every
+    request's greedy tokens are the eager engine's for its prompt alone, whatever joined it."""
+    from _trained_tiny import PROMPTS, trained_tiny_checkpoint
+
+    from deepseek_lm.generate.batching import BatchEngine, Params
+
+    model, _ = decoders
+    tokenizer = trained_tiny_checkpoint(tmp_path_factory).tokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompileNotice)
+        engine = BatchEngine(model, tokenizer, max_batch_size=4, prefill_chunk=8, aot=True).start()
+    try:
+        prompts = [engine.encode(p) for p in PROMPTS[:6]]
+        requests = [engine.submit(p, Params(max_tokens=10, sampling=GREEDY)) for p in prompts]
+        got = [[t for e in r.events(timeout=60) for t in e.token_ids] for r in requests]
+    finally:
+        engine.close()
+    eager = Engine(model, tokenizer, aot=False)
+    want = [eager.generate_ids([p], 10, sampling=GREEDY)[0] for p in prompts]
+    assert got == [w.token_ids + ([eager.eos_token_id] if w.finish_reason == "eos" else []) for w in want]
+    assert set(engine._aot_steps) == {1, aot.library_batch(model.config, 2)}

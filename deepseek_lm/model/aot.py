@@ -11,10 +11,10 @@ dynamic dimension (one artifact for every prompt and output length), and so is t
 runs every routed expert (`decode.dense_experts`); below that each batch size has its own.
 
 Artifacts are cached on disk (`cache_dir()`, `$DEEPSEEK_LM_CACHE` or ~/.cache/deepseek-lm), keyed by all
-they depend on: the configuration, the weights' shapes and layouts, the batch size (or the dynamic range),
-the dtype, the torch version, the CPU's vector instruction set, the thread count
-the kernels were generated for, and the source of the decode code. A cold start compiles (~40-80 s on the
-2-core dev VM), a warm one loads the library (~0.1 s).
+they depend on: the configuration, the weights' shapes and layouts, the batch size (or the dynamic range)
+and the caches' layout, the dtype, the torch version, the CPU's vector instruction set and the source of
+the decode code. A cold start compiles (~40-80 s per library on the 2-core dev VM), a warm one loads the
+library (~0.1 s).
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ from deepseek_lm.model.mla import LatentCache, token_positions
 from deepseek_lm.model.transformer import DeepSeekLM
 
 _MAX_BATCH = 1024  # the dynamic batch dimension's upper bound (dense steps)
+# The generated kernels run on one thread: a step is ~70 of them, each a few µs at batch 1, and a parallel
+# region per kernel costs more than it saves (and on a busy machine every one waits for a descheduled
+# thread: 7 tokens/s at 2 threads against 540 at 1, load 5). The products inductor leaves to torch (mm)
+# still use torch's threads.
+_INDUCTOR = {"cpp.threads": 1}
 _LOADED: dict[str, Any] = {}  # key -> the loaded package's runner, shared by every decoder in the process
 
 
@@ -81,17 +86,40 @@ def supports(weights: decode.DecoderWeights, device: torch.device) -> bool:
     )
 
 
+def library_batch(config, rows: int) -> int:
+    """The batch size whose library serves steps of `rows` rows: itself where each token's experts are
+    gathered (a library per size), else the smallest size that runs every expert (one library, a dynamic
+    batch, for all of them)."""
+    if rows == 1 or not decode.dense_experts(config, rows, compile=True):
+        return rows
+    return next(b for b in range(2, rows + 1) if decode.dense_experts(config, b, compile=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The inputs a library is compiled for: `batch` rows (from `batch` up when `dynamic_batch`), and
+    caches whose rows are `slot_positions` positions apart (a slice of the first L of them; None:
+    contiguous caches of L positions). Any L from 2 up to the context (or slot_positions - 1)."""
+
+    batch: int
+    dynamic_batch: bool = False
+    slot_positions: int | None = None
+
+
 class CompiledStep:
     """`step(ids_BT, pos_BT, kvs)` -> (logits (B, V), greedy next ids (B,)) = `decode_step(weights, ...,
-    masked=True)` and its argmax, through the compiled library. kvs: per layer the whole (B, L, r + dr)
-    cache, contiguous; any L from 2 to the context."""
+    masked=True)` and its argmax, through the compiled library. kvs: per layer a (B, L, r + dr) cache as
+    `shapes` says."""
 
-    def __init__(self, weights: decode.DecoderWeights, batch_size: int, dense: bool) -> None:
-        self.template = weights
+    def __init__(self, weights: decode.DecoderWeights, shapes: Shapes) -> None:
+        if shapes.batch == 1 and not shapes.dynamic_batch:  # one row: how far apart rows are never matters
+            shapes = Shapes(1)
+        elif shapes.dynamic_batch:  # every dense size shares the library of the smallest
+            shapes = dataclasses.replace(shapes, batch=library_batch(weights.config, shapes.batch))
+        self.template, self.shapes = weights, shapes
         self.weights = flatten(weights)
-        self.dynamic_batch = dense  # a dense step does the same work for every batch size: one library
-        self.key = _key(weights, None if dense else batch_size)
-        self.runner = _LOADED.get(self.key) or self._load(batch_size)
+        self.key = _key(weights, shapes)
+        self.runner = _LOADED.get(self.key) or self._load()
         _LOADED[self.key] = self.runner
 
     def __call__(
@@ -100,7 +128,7 @@ class CompiledStep:
         next_ids, logits = self.runner.run([ids_BT, pos_BT, *kvs, *self.weights])
         return logits, next_ids
 
-    def _load(self, batch_size: int) -> Any:
+    def _load(self) -> Any:
         path = cache_dir() / self.key / "decode_step.pt2"
         if not path.exists():
             warnings.warn(
@@ -109,7 +137,7 @@ class CompiledStep:
                 CompileNotice,
                 stacklevel=4,
             )
-            _compile(self.template, batch_size, self.dynamic_batch, path)
+            _compile(self.template, self.shapes, path)
         return torch._inductor.aoti_load_package(str(path)).loader
 
 
@@ -119,13 +147,16 @@ class AOTDecoder(Decoder):
     greedy next token, taken in the step, beside the logits. The cache must be contiguous (a
     `LatentCache`'s is); the step attends to all of it under the causal mask."""
 
-    def __init__(self, model: DeepSeekLM, batch_size: int) -> None:
+    def __init__(self, model: DeepSeekLM, batch_size: int, slot_positions: int | None = None) -> None:
+        """`slot_positions`: steps read slices of caches whose rows hold that many positions (`Shapes`),
+        through `self.compiled`; None: a `LatentCache` each call."""
         super().__init__(model, batch_size, compile=True)  # the compiled graphs' layout, no packed weights
         if self.weights.head_packed is not None:  # the head runs inside the step: its plain (D, V) copy
             head = model.lm_head.weight.detach().t().contiguous()
             self.weights = dataclasses.replace(self.weights, head_DV=head, head_packed=None)
         self.compile = False
-        self.compiled = CompiledStep(self.weights, batch_size, self.dense)
+        # a dense step does the same work for every batch size: one library, the batch dynamic
+        self.compiled = CompiledStep(self.weights, Shapes(batch_size, self.dense, slot_positions))
 
     def __call__(self, ids: torch.Tensor, cache: LatentCache, start_pos: int | torch.Tensor) -> torch.Tensor:
         return self.with_argmax(ids, cache, start_pos)[0]
@@ -156,16 +187,19 @@ class _Step(torch.nn.Module):
         return logits.argmax(-1), logits
 
 
-def _compile(weights: decode.DecoderWeights, batch_size: int, dynamic_batch: bool, path: Path) -> None:
+def _compile(weights: decode.DecoderWeights, shapes: Shapes, path: Path) -> None:
     cfg = weights.config
-    B = max(batch_size, 2) if dynamic_batch else batch_size  # an example of 1 would specialise the dim to 1
+    # an example of 1 row would specialise the dimension to 1
+    B = max(shapes.batch, 2) if shapes.dynamic_batch else shapes.batch
     L = min(64, cfg.max_position_embeddings)
     dtype, dev = weights.embed.dtype, weights.embed.device
     ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
     pos = torch.full((B, 1), L - 1, dtype=torch.long, device=dev)
-    kvs = [torch.zeros(B, L, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=dtype) for _ in weights.attn]
-    Ld = torch.export.Dim("L", min=2, max=cfg.max_position_embeddings)
-    Bd = torch.export.Dim("B", min=B, max=_MAX_BATCH) if dynamic_batch else None
+    C, slots = cfg.kv_lora_rank + cfg.qk_rope_head_dim, shapes.slot_positions
+    # a slice of longer rows: the library keeps their stride, whatever L (which stays below it)
+    kvs = [torch.zeros(B, slots or L, C, dtype=dtype, device=dev)[:, :L] for _ in weights.attn]
+    Ld = torch.export.Dim("L", min=2, max=slots - 1 if slots else cfg.max_position_embeddings)
+    Bd = torch.export.Dim("B", min=B, max=_MAX_BATCH) if shapes.dynamic_batch else None
     rows = {0: Bd} if Bd is not None else {}
     shapes = (rows, rows, [{**rows, 1: Ld}] * len(kvs), [None] * len(flatten(weights)))
     with torch.no_grad():
@@ -175,7 +209,9 @@ def _compile(weights: decode.DecoderWeights, batch_size: int, dynamic_batch: boo
         path.parent.mkdir(parents=True, exist_ok=True)
         # compiled beside its final place, then renamed: a reader never sees half a file
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / path.name))
+            built = torch._inductor.aoti_compile_and_package(
+                program, package_path=str(Path(tmp) / path.name), inductor_configs=_INDUCTOR
+            )
             os.replace(built, path)
 
 
@@ -212,8 +248,8 @@ def unflatten(template: decode.DecoderWeights, tensors: list[torch.Tensor]) -> d
     return fill(template)
 
 
-def _key(weights: decode.DecoderWeights, batch_size: int | None) -> str:
-    """A hash of everything the compiled library depends on (batch_size None: the dynamic dense batch)."""
+def _key(weights: decode.DecoderWeights, shapes: Shapes) -> str:
+    """A hash of everything the compiled library depends on."""
 
     def structure(obj: Any) -> Any:  # every field but the tensors' values: shapes, strides, dtypes, ints
         if isinstance(obj, torch.Tensor):
@@ -229,10 +265,9 @@ def _key(weights: decode.DecoderWeights, batch_size: int | None) -> str:
     code = "".join(inspect.getsource(m) for m in (decode, moe, onednn, sys.modules[__name__]))
     parts = dict(
         weights=structure(weights),
-        batch=batch_size,
+        shapes=dataclasses.asdict(shapes),
         torch=torch.__version__,
         isa=torch.backends.cpu.get_cpu_capability(),  # what inductor's kernels are built for
-        threads=torch.get_num_threads(),
         code=hashlib.sha256(code.encode()).hexdigest(),
     )
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
