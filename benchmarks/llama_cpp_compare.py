@@ -91,7 +91,7 @@ def main() -> int:
 
 def _export_gguf(checkpoint: str, tmp: Path) -> Path:
     out = tmp / "model-f32.gguf"
-    cmd = [sys.executable, "-m", "deepseek_lm", "export", "--checkpoint", checkpoint, "--format", "gguf",
+    cmd = [sys.executable, "-m", "deepseek_lm", "export", "--checkpoint", checkpoint, "--format", "gguf", "--dtype", "f32",
            "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

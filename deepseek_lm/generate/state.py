@@ -60,6 +60,7 @@ class DecodeState:
         self.out = torch.full((batch, max(self.steps, 1)), self.pad, dtype=torch.long, device=device)
         self.done = torch.tensor([n <= 0 for n in self.budget], device=device)
         self.budget_t = torch.tensor(self.budget, device=device)
+        self.min_budget = min(self.budget)
         self.ended: set[int] = set()  # rows whose text is complete (EOS or a stop string), host side
         self.stopped_at: dict[int, int] = {}  # row -> step of the token that completed a stop string
         self.logits_log: list[torch.Tensor] | None = [] if output_logits else None
@@ -108,7 +109,8 @@ class DecodeState:
         self.out[:, t] = nxt
         if self.ends:
             self.done |= torch.isin(nxt, self.ends_t)
-        self.done |= self.budget_t <= t + 1
+        if t + 1 >= self.min_budget:  # (a host check: on a CPU each tiny op costs more than the step's math)
+            self.done |= self.budget_t <= t + 1
         if self.seen is not None:
             self.seen.scatter_(1, nxt[:, None], True)
         if last:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._inductor.async_compile import shutdown_compile_workers
 
 from deepseek_lm.model import decode, moe, onednn
 from deepseek_lm.model.decode import Decoder
@@ -125,7 +126,17 @@ class CompiledStep:
     def __call__(
         self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        next_ids, logits = self.runner.run([ids_BT, pos_BT, *kvs, *self.weights])
+        if self.shapes.batch > 1 or (threads := torch.get_num_threads()) == 1:
+            next_ids, logits = self.runner.run([ids_BT, pos_BT, *kvs, *self.weights])
+            return logits, next_ids
+        # one row on one thread: its library products (~25 a step, a few µs each) gain less from a second
+        # thread than each parallel region costs (on a busy machine every region waits for a descheduled
+        # thread: 145 tokens/s at 2 threads against 2,829 at 1, load 3)
+        torch.set_num_threads(1)
+        try:
+            next_ids, logits = self.runner.run([ids_BT, pos_BT, *kvs, *self.weights])
+        finally:
+            torch.set_num_threads(threads)
         return logits, next_ids
 
     def _load(self) -> Any:
@@ -145,7 +156,8 @@ class AOTDecoder(Decoder):
     """A `Decoder` whose one-token steps run through a `CompiledStep` (built, or loaded from the disk cache,
     with the decoder): `decoder(ids, cache, start_pos)` as `Decoder`'s, and `with_argmax` gives each row's
     greedy next token, taken in the step, beside the logits. The cache must be contiguous (a
-    `LatentCache`'s is); the step attends to all of it under the causal mask."""
+    `LatentCache`'s is); the step attends to all of it under the causal mask (one row: to the positions in
+    use)."""
 
     def __init__(self, model: DeepSeekLM, batch_size: int, slot_positions: int | None = None) -> None:
         """`slot_positions`: steps read slices of caches whose rows hold that many positions (`Shapes`),
@@ -167,12 +179,14 @@ class AOTDecoder(Decoder):
         B, T = ids.shape
         if T != 1 or cache.max_len < 2:  # several tokens a row (or a 1-position cache): the eager step
             return super().__call__(ids, cache, start_pos), None
-        start, pos_BT, _ = token_positions(
+        start, pos_BT, end = token_positions(
             start_pos, B, T, ids.device, self.weights.rope.shape[1], cache.max_len
         )
         if start is not None:
             pos_BT = torch.full((B, 1), start, dtype=torch.long, device=ids.device)
-        return self.compiled(ids, pos_BT, cache.kv)
+        # one row attends to the positions in use (how far apart rows are never matters to it)
+        kvs = [kv[:, : max(end, 2)] for kv in cache.kv] if B == 1 else cache.kv
+        return self.compiled(ids, pos_BT, kvs)
 
 
 class _Step(torch.nn.Module):
@@ -209,9 +223,12 @@ def _compile(weights: decode.DecoderWeights, shapes: Shapes, path: Path) -> None
         path.parent.mkdir(parents=True, exist_ok=True)
         # compiled beside its final place, then renamed: a reader never sees half a file
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(Path(tmp) / path.name), inductor_configs=_INDUCTOR
-            )
+            try:
+                built = torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(Path(tmp) / path.name), inductor_configs=_INDUCTOR
+                )
+            finally:  # inductor's pool of compile processes would otherwise stay for the process's life
+                shutdown_compile_workers()
             os.replace(built, path)
 
 
