@@ -179,3 +179,27 @@ def test_batch_engine_serves_each_request_as_the_eager_engine_decodes_it_alone(d
     want = [eager.generate_ids([p], 10, sampling=GREEDY)[0] for p in prompts]
     assert got == [w.token_ids + ([eager.eos_token_id] if w.finish_reason == "eos" else []) for w in want]
     assert set(engine._aot_steps) == {1, aot.library_batch(model.config, 2)}
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_compiled_prefill_equals_the_models_forward(decoders, start):
+    """Short prompts of one row through the prompt library: the state after the last token and the latents
+    it writes, from the start and after earlier tokens."""
+    from deepseek_lm.model.aot import CompiledPrefill
+    from deepseek_lm.model.prefill import fill
+
+    model, _ = decoders
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompileNotice)
+        short = CompiledPrefill(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 17))
+    ours, ref = model.new_cache(1, 40), model.new_cache(1, 40)
+    with torch.no_grad():
+        for cache in (ours, ref):
+            if start:
+                fill(model, None, ids[:, :start], cache, 0)
+        got = fill(model, None, ids[:, start:], ours, start, short=short)
+        want = fill(model, None, ids[:, start:], ref, start)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for a, b in zip(ours.kv, ref.kv):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)

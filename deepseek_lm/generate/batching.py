@@ -71,7 +71,7 @@ from deepseek_lm.generate.logits_processing import (
 from deepseek_lm.generate.prefix_cache import PrefixCache
 from deepseek_lm.generate.sampling import SamplingConfig, argmax, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
-from deepseek_lm.model.aot import AOTDecoder, default_on, library_batch
+from deepseek_lm.model.aot import AOTDecoder, CompiledPrefill, default_on, library_batch
 from deepseek_lm.model.decode import _KV_CHUNK, Decoder, weights_stamp
 from deepseek_lm.model.prefill import Prefill, fill
 
@@ -330,6 +330,8 @@ class BatchEngine:
         # size where all experts run (dense), else one per size; built (or loaded) by the warm-up
         self._aot_steps: dict[int, AOTDecoder] = {}
         self.fast_prefill = Prefill(model) if Prefill.supports(model) else None  # model/prefill.py
+        # chunks under its MIN_TOKENS through a library too (model/aot.py)
+        self._short_prefill = CompiledPrefill(model) if self.aot else None
         # compiled ahead of time, the steps read the first L positions of the slots, L < the slots' length
         self.cache = model.new_cache(n, self.context_length + self.aot, device=device)
         self._staging = model.new_cache(1, self.context_length, device=device)
@@ -464,7 +466,10 @@ class BatchEngine:
         """Prompt tokens start..end - 1 into the staging cache -> the final-normed state after them (1, D),
         or with `every_state` the state after each of them (1, T, D)."""
         ids = torch.tensor([request.prompt_ids[start:end]], device=self._device)  # (1, T)
-        return fill(self.model, self.fast_prefill, ids, self._staging, start, every_state=every_state)
+        short = self._short_prefill
+        return fill(
+            self.model, self.fast_prefill, ids, self._staging, start, every_state=every_state, short=short
+        )
 
     def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
         """The prompt is in the staging cache and `logits` (1, V) follow it: sample the first token, and

@@ -11,9 +11,9 @@ import torch
 
 from deepseek_lm.generate.sampling import SamplingConfig, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
-from deepseek_lm.model.aot import AOTDecoder
+from deepseek_lm.model.aot import AOTDecoder, CompiledPrefill
 from deepseek_lm.model.decode import Decoder
-from deepseek_lm.model.prefill import Prefill, fill
+from deepseek_lm.model.prefill import MIN_TOKENS, Prefill, fill
 
 COMPILED_CACHE_MULTIPLE = 256  # cache lengths of a compiled engine: one graph serves all calls up to it
 
@@ -75,6 +75,8 @@ class DecodeState:
         self.greedy_ids: torch.Tensor | None = None  # (B,) the step's argmax, where it computes one
         fast = Prefill.supports(model, batch * longest)  # built only where it will run: model/prefill.py
         self.fast_prefill = engine.fast_path(Prefill) if fast else None
+        short = engine.aot and batch == 1 and 2 <= longest < MIN_TOKENS  # model/aot.py
+        self.short_prefill = engine.fast_path(CompiledPrefill) if short else None
         self.logits, self.pos = self._prefill(right_pad(rows, self.pad, device))
 
     def _next_logits(self, ids: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,8 @@ class DecodeState:
         if ids.shape[1] == 1:
             logits, self.greedy_ids = self.decoder.with_argmax(ids, self.cache, start_pos)
             return logits
-        return self.decoder.logits(fill(self.model, self.fast_prefill, ids, self.cache, start_pos))
+        hidden = fill(self.model, self.fast_prefill, ids, self.cache, start_pos, short=self.short_prefill)
+        return self.decoder.logits(hidden)
 
     def _prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Fill the cache with the prompts; return next-token logits (B, V) and the next positions."""

@@ -105,6 +105,7 @@ class Shapes:
     batch: int
     dynamic_batch: bool = False
     slot_positions: int | None = None
+    tokens: bool = False  # a prompt: from 2 tokens a row up, the final-normed state after the last the output
 
 
 class CompiledStep:
@@ -114,7 +115,7 @@ class CompiledStep:
 
     def __init__(self, weights: decode.DecoderWeights, shapes: Shapes) -> None:
         if shapes.batch == 1 and not shapes.dynamic_batch:  # one row: how far apart rows are never matters
-            shapes = Shapes(1)
+            shapes = dataclasses.replace(shapes, slot_positions=None)
         elif shapes.dynamic_batch:  # every dense size shares the library of the smallest
             shapes = dataclasses.replace(shapes, batch=library_batch(weights.config, shapes.batch))
         self.template, self.shapes = weights, shapes
@@ -138,6 +139,10 @@ class CompiledStep:
         finally:
             torch.set_num_threads(threads)
         return logits, next_ids
+
+    def hidden(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor]) -> torch.Tensor:
+        """A prompt library's output: `decode_hidden(weights, ...)`, the state after each row's last token."""
+        return self.runner.run([ids_BT, pos_BT, *kvs, *self.weights])[0]
 
     def _load(self) -> Any:
         path = cache_dir() / self.key / "decode_step.pt2"
@@ -189,15 +194,44 @@ class AOTDecoder(Decoder):
         return self.compiled(ids, pos_BT, kvs)
 
 
-class _Step(torch.nn.Module):
-    """What is exported: the step over weights passed in (the template gives their structure)."""
+class CompiledPrefill:
+    """Short prompts of one row through a library of the step over several tokens (every expert run, as a
+    prompt's tokens pick most of them): `prefill(ids, cache, start_pos)` = `fill(...)`'s final-normed state
+    after the last token (1, D), the latents written into the cache. Where the model's forward would run:
+    under `prefill.MIN_TOKENS` tokens it is ~100 Python dispatches a layer (~8 ms for a 10-token prompt on
+    the seed architecture, one thread); the oneDNN prefill takes the longer prompts."""
 
-    def __init__(self, template: decode.DecoderWeights) -> None:
+    def __init__(self, model: DeepSeekLM) -> None:
+        weights = Decoder(model, model.config.n_routed_experts, compile=True).weights  # dense experts
+        weights = dataclasses.replace(weights, head_DV=None, head_packed=None)  # no head: states out
+        self.compiled = CompiledStep(weights, Shapes(1, tokens=True))
+
+    @staticmethod
+    def takes(ids_BT: torch.Tensor, every_state: bool) -> bool:
+        return ids_BT.shape[0] == 1 and ids_BT.shape[1] >= 2 and not every_state
+
+    def __call__(
+        self, ids_BT: torch.Tensor, cache: LatentCache, start_pos: int | torch.Tensor
+    ) -> torch.Tensor:
+        start, T = int(start_pos), ids_BT.shape[1]
+        pos_BT = torch.arange(start, start + T, device=ids_BT.device)[None]
+        token_positions(start, 1, T, ids_BT.device, self.compiled.template.rope.shape[1], cache.max_len)
+        return self.compiled.hidden(ids_BT, pos_BT, [kv[:, : start + T] for kv in cache.kv])
+
+
+class _Step(torch.nn.Module):
+    """What is exported: the step over weights passed in (the template gives their structure); a prompt
+    library's (`tokens`) ends at the final-normed states."""
+
+    def __init__(self, template: decode.DecoderWeights, tokens: bool) -> None:
         super().__init__()
-        self.template = template
+        self.template, self.tokens = template, tokens
 
     def forward(self, ids_BT, pos_BT, kvs, weights):
-        logits = decode.decode_step(unflatten(self.template, weights), ids_BT, pos_BT, kvs, masked=True)
+        w = unflatten(self.template, weights)
+        if self.tokens:
+            return (decode.decode_hidden(w, ids_BT, pos_BT, kvs, masked=True),)
+        logits = decode.decode_step(w, ids_BT, pos_BT, kvs, masked=True)
         return logits.argmax(-1), logits
 
 
@@ -206,19 +240,21 @@ def _compile(weights: decode.DecoderWeights, shapes: Shapes, path: Path) -> None
     # an example of 1 row would specialise the dimension to 1
     B = max(shapes.batch, 2) if shapes.dynamic_batch else shapes.batch
     L = min(64, cfg.max_position_embeddings)
+    T = 4 if shapes.tokens else 1
     dtype, dev = weights.embed.dtype, weights.embed.device
-    ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
-    pos = torch.full((B, 1), L - 1, dtype=torch.long, device=dev)
+    ids = torch.zeros(B, T, dtype=torch.long, device=dev)
+    pos = torch.arange(L - T, L, device=dev).expand(B, T).contiguous()
     C, slots = cfg.kv_lora_rank + cfg.qk_rope_head_dim, shapes.slot_positions
     # a slice of longer rows: the library keeps their stride, whatever L (which stays below it)
     kvs = [torch.zeros(B, slots or L, C, dtype=dtype, device=dev)[:, :L] for _ in weights.attn]
     Ld = torch.export.Dim("L", min=2, max=slots - 1 if slots else cfg.max_position_embeddings)
     Bd = torch.export.Dim("B", min=B, max=_MAX_BATCH) if shapes.dynamic_batch else None
     rows = {0: Bd} if Bd is not None else {}
-    shapes = (rows, rows, [{**rows, 1: Ld}] * len(kvs), [None] * len(flatten(weights)))
+    tokens = {**rows, 1: torch.export.Dim("T", min=2, max=cfg.max_position_embeddings)} if T > 1 else rows
+    dims = (tokens, tokens, [{**rows, 1: Ld}] * len(kvs), [None] * len(flatten(weights)))
     with torch.no_grad():
         program = torch.export.export(
-            _Step(weights), (ids, pos, kvs, flatten(weights)), dynamic_shapes=shapes
+            _Step(weights, shapes.tokens), (ids, pos, kvs, flatten(weights)), dynamic_shapes=dims
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         # compiled beside its final place, then renamed: a reader never sees half a file
