@@ -101,11 +101,15 @@ def test_weights_are_inputs_not_constants(decoders):
 def test_engine_greedy_tokens_equal_the_eager_engines(decoders):
     model, _ = decoders
     eager, compiled = Engine(model, aot=False), Engine(model, aot=True)
-    for prompts in ([[5, 6, 7]], [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]):
+    for prompts in ([[5, 6, 7]], [[1, 2, 3, 4], [7, 8, 9, 10, 11, 12]]):  # ragged: per-row positions
         want = [c.token_ids for c in eager.generate_ids(prompts, 12, sampling=GREEDY)]
         assert [c.token_ids for c in compiled.generate_ids(prompts, 12, sampling=GREEDY)] == want
     sampled = [c.token_ids for c in eager.generate_ids([[5, 6, 7]], 12, seed=3)]
     assert [c.token_ids for c in compiled.generate_ids([[5, 6, 7]], 12, seed=3)] == sampled
+    built = {type(d).__name__ for _, d in compiled._fast_paths.values()}
+    assert {"AOTDecoder", "CompiledPrefill"} <= built
+    compiled.generate_ids([[1, 2], [3, 4], [5, 6]], 2, sampling=GREEDY)  # 3 rows: the eager decoder's oneDNN
+    assert "Decoder" in {type(d).__name__ for _, d in compiled._fast_paths.values()}
 
 
 def test_engine_follows_weights_that_change_between_calls(decoders):

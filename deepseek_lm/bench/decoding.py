@@ -25,8 +25,9 @@ def measure_decoding(cfg, config, state: dict, device, impls: list[str], log) ->
         "b8": (torch.randint(0, config.vocab_size, (cfg.decode_batch, cfg.prompt_len), generator=g), cfg.new_tokens),
         "b1_ctx2k": (torch.randint(0, config.vocab_size, (1, ctx - cfg.ctx_new_tokens), generator=g), cfg.ctx_new_tokens),
     }  # fmt: skip
-    # warm up: first calls pay for allocations and kernel selection, compiled ones for every new shape
-    warmup = list(figures.values()) if cfg.compile else [(figures["b1"][0], 2)]
+    # warm up every figure: first calls pay for allocations and kernel selection, compiled steps (ahead of
+    # time too, our default on a CPU) for every new batch size or shape
+    warmup = list(figures.values())
     for run in runners.values():
         for ids, n in warmup:
             run(ids.to(device), n)

@@ -11,7 +11,7 @@ import torch
 
 from deepseek_lm.generate.sampling import SamplingConfig, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
-from deepseek_lm.model.aot import AOTDecoder, CompiledPrefill
+from deepseek_lm.model.aot import ENGINE_MAX_BATCH, AOTDecoder, CompiledPrefill
 from deepseek_lm.model.decode import Decoder
 from deepseek_lm.model.prefill import MIN_TOKENS, Prefill, fill
 
@@ -68,7 +68,7 @@ class DecodeState:
         self.seen = (
             _seen_mask(rows, model.config.vocab_size, device) if sampling.repetition_penalty != 1 else None
         )
-        if engine.aot:  # model/aot.py
+        if engine.aot and batch <= ENGINE_MAX_BATCH:  # model/aot.py
             self.decoder = engine.fast_path(AOTDecoder, batch)
         else:  # model/decode.py
             self.decoder = engine.fast_path(Decoder, batch, compile=engine.compile)

@@ -2,19 +2,20 @@
 code calls one after the other, with no Python between operations (on a CPU at batch 1 the step is ~70
 small kernels, and Python's dispatch of each used to cost more than its arithmetic).
 
-`CompiledStep(weights, batch_size)` exports `decode_step` of a `DecoderWeights` layout (model/decode.py)
-plus each row's greedy next token with `torch.export`, compiles it with
-`torch._inductor.aoti_compile_and_package` and loads it with `aoti_load_package`. The weights are inputs
-of the compiled step, not constants baked into it: one artifact serves every checkpoint of a configuration
-and weights that change between calls (a model in training) need no new compile. The cache length is a
-dynamic dimension (one artifact for every prompt and output length), and so is the batch where the step
-runs every routed expert (`decode.dense_experts`); below that each batch size has its own.
+`CompiledStep(weights, shapes)` exports `decode_step` of a `DecoderWeights` layout (model/decode.py) plus
+each row's greedy next token with `torch.export`, compiles it with `torch._inductor.aoti_compile_and_package`
+and loads it with the loader that `aoti_load_package` wraps. The weights are inputs of the compiled step,
+not constants baked into it: one artifact serves every checkpoint of a configuration and weights that
+change between calls (a model in training) need no new compile. The cache length is a dynamic dimension
+(one artifact for every prompt and output length), and so is the batch where the step runs every routed
+expert (`decode.dense_experts`); below that each batch size has its own. `CompiledPrefill` is the same step
+over a prompt's tokens (their number dynamic), for short prompts of one row.
 
 Artifacts are cached on disk (`cache_dir()`, `$DEEPSEEK_LM_CACHE` or ~/.cache/deepseek-lm), keyed by all
 they depend on: the configuration, the weights' shapes and layouts, the batch size (or the dynamic range)
 and the caches' layout, the dtype, the torch version, the CPU's vector instruction set and the source of
-the decode code. A cold start compiles (~40-80 s per library on the 2-core dev VM), a warm one loads the
-library (~0.1 s).
+the decode code. A cold start compiles (~30-80 s per library on the 2-core dev VM), a warm one loads the
+library (~10 ms).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch._inductor.async_compile import shutdown_compile_workers
 
 from deepseek_lm.model import decode, moe, onednn
 from deepseek_lm.model.decode import Decoder
@@ -41,6 +41,10 @@ from deepseek_lm.model.mla import LatentCache, token_positions
 from deepseek_lm.model.transformer import DeepSeekLM
 
 _MAX_BATCH = 1024  # the dynamic batch dimension's upper bound (dense steps)
+# `Engine` decodes through the libraries up to this many rows: from 3 the eager decoder's products go through
+# oneDNN's AVX-512 kernels (decode.py), faster than the libraries' MKL products where the head is large (seed
+# preset, one thread: batch 4 762 vs 600 tokens/s, 8 1,275 vs 1,068; batch 1 473 vs 268, 2 395 vs 291)
+ENGINE_MAX_BATCH = 2
 # The generated kernels run on one thread: a step is ~70 of them, each a few µs at batch 1, and a parallel
 # region per kernel costs more than it saves (and on a busy machine every one waits for a descheduled
 # thread: 7 tokens/s at 2 threads against 540 at 1, load 5). The products inductor leaves to torch (mm)
@@ -154,7 +158,9 @@ class CompiledStep:
                 stacklevel=4,
             )
             _compile(self.template, self.shapes, path)
-        return torch._inductor.aoti_load_package(str(path)).loader
+        # the loader `torch._inductor.aoti_load_package` wraps, without importing inductor's packaging
+        # (2-5 s of imports at a process's first load; the loader itself ~10 ms)
+        return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
 
 class AOTDecoder(Decoder):
@@ -264,6 +270,8 @@ def _compile(weights: decode.DecoderWeights, shapes: Shapes, path: Path) -> None
                     program, package_path=str(Path(tmp) / path.name), inductor_configs=_INDUCTOR
                 )
             finally:  # inductor's pool of compile processes would otherwise stay for the process's life
+                from torch._inductor.async_compile import shutdown_compile_workers
+
                 shutdown_compile_workers()
             os.replace(built, path)
 
