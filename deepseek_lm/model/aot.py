@@ -80,17 +80,6 @@ def default_on(model: torch.nn.Module) -> bool:
     return on and p.device.type == "cpu" and p.dtype == torch.float32 and available()
 
 
-def supports(weights: decode.DecoderWeights, device: torch.device) -> bool:
-    """A CPU step in fp32 or bf16 whose weights are plain tensors (no oneDNN-packed ones)."""
-    tensors = flatten(weights)
-    return (
-        device.type == "cpu"
-        and weights.embed.dtype in (torch.float32, torch.bfloat16)
-        and not any(t.is_mkldnn for t in tensors)
-        and available()
-    )
-
-
 def library_batch(config, rows: int) -> int:
     """The batch size whose library serves steps of `rows` rows: itself where each token's experts are
     gathered (a library per size), else the smallest size that runs every expert (one library, a dynamic
@@ -109,13 +98,13 @@ class Shapes:
     batch: int
     dynamic_batch: bool = False
     slot_positions: int | None = None
-    tokens: bool = False  # a prompt: from 2 tokens a row up, the final-normed state after the last the output
+    tokens: bool = False  # a prompt's tokens (2 up a row) in, the final-normed state after the last out
 
 
 class CompiledStep:
     """`step(ids_BT, pos_BT, kvs)` -> (logits (B, V), greedy next ids (B,)) = `decode_step(weights, ...,
-    masked=True)` and its argmax, through the compiled library. kvs: per layer a (B, L, r + dr) cache as
-    `shapes` says."""
+    masked=True)` and its argmax, through the compiled library (`step.hidden(...)`: a prompt library's
+    `decode_hidden`). kvs: per layer a (B, L, r + dr) cache as `shapes` says."""
 
     def __init__(self, weights: decode.DecoderWeights, shapes: Shapes) -> None:
         if shapes.batch == 1 and not shapes.dynamic_batch:  # one row: how far apart rows are never matters
