@@ -178,7 +178,9 @@ def _ratio(values: dict[str, list[float]]) -> dict:
 def _serving(args, bin_dir: Path, gguf: Path) -> dict[str, dict]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.serve_threads))
     slots = max(args.clients)
-    ours_args = argparse.Namespace(checkpoint=args.checkpoint, max_batch_size=slots, compile=False)
+    ours_args = argparse.Namespace(
+        checkpoint=args.checkpoint, max_batch_size=slots, compile=False, prefill_chunk=256
+    )
     servers = [serve_load._start_ours(ours_args, env), _start_llama_server(bin_dir, gguf, args, slots, env)]
     prompts = (serve_load.PROMPTS * (slots // len(serve_load.PROMPTS) + 1))[:slots]
     results: dict[str, list[dict]] = {}
