@@ -35,11 +35,12 @@ def _tiny_model(seed: int = 0):
 
 @pytest.fixture(scope="session")
 def decoders():
-    """Batch 1 and batch 3 decoders of one tiny model (their libraries compiled once, or loaded)."""
+    """Decoders of one tiny model (their libraries compiled once, or loaded): batch 1; 3, which gathers
+    each token's experts; 20, which runs every expert (the tiny preset's 4 experts read 10 times)."""
     model = _tiny_model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CompileNotice)
-        return model, {1: AOTDecoder(model, 1), 3: AOTDecoder(model, 3)}
+        return model, {b: AOTDecoder(model, b) for b in (1, 3, 20)}
 
 
 def _compare(model, decoder, prompts, steps):
@@ -65,10 +66,11 @@ def _compare(model, decoder, prompts, steps):
     return worst, same_argmax, ours, ref
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 20])
 def test_compiled_step_equals_the_models_forward(decoders, batch):
     model, decs = decoders
-    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]][:batch]  # ragged: per-row positions
+    assert decs[batch].dense == (batch == 20)
+    prompts = [list(range(1, 2 + (5 * b) % 7)) for b in range(batch)]  # ragged: per-row positions
     worst, same_argmax, ours, ref = _compare(model, decs[batch], prompts, steps=6)
     assert worst < ATOL
     assert same_argmax
@@ -76,12 +78,11 @@ def test_compiled_step_equals_the_models_forward(decoders, batch):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-def test_one_library_serves_every_cache_length_and_dense_batch_size(decoders):
+def test_one_library_serves_every_cache_length_and_batch_size_of_its_kind(decoders):
     model, decs = decoders
-    key = decs[3].compiled.key
-    assert (
-        AOTDecoder(model, 2).compiled.key == key == AOTDecoder(model, 5).compiled.key
-    )  # dense: dynamic batch
+    key = decs[3].compiled.key  # experts gathered, the batch dynamic from 2
+    assert AOTDecoder(model, 2).compiled.key == key == AOTDecoder(model, 19).compiled.key
+    assert AOTDecoder(model, 64).compiled.key == decs[20].compiled.key != key  # every expert
     assert AOTDecoder(model, 1).compiled.key == decs[1].compiled.key != key
     for steps in (3, 40):  # cache lengths 8 and 45
         worst, _, _, _ = _compare(model, AOTDecoder(model, 2), [[1, 2, 3, 4, 5], [6]], steps)
@@ -143,9 +144,9 @@ def test_the_key_follows_what_the_library_depends_on(decoders, monkeypatch):
     w = decs[1].weights
     one = aot.Shapes(1)
     assert aot._key(w, one) == decs[1].compiled.key
-    dense = aot.Shapes(2, dynamic_batch=True)
-    assert aot._key(w, aot.Shapes(2)) != aot._key(w, one) != aot._key(w, dense)
-    assert aot._key(w, dense) != aot._key(w, aot.Shapes(2, dynamic_batch=True, slot_positions=9))
+    rows = aot.Shapes(2, dynamic_batch=True)
+    assert aot._key(w, aot.Shapes(2)) != aot._key(w, one) != aot._key(w, rows)
+    assert aot._key(w, rows) != aot._key(w, aot.Shapes(2, dynamic_batch=True, slot_positions=9))
     monkeypatch.setattr(torch, "__version__", "0.0")
     assert aot._key(w, one) != decs[1].compiled.key
     monkeypatch.undo()
@@ -162,7 +163,7 @@ def test_engines_decode_eagerly_where_no_compiler_is(monkeypatch):
 
 
 def test_batch_engine_serves_each_request_as_the_eager_engine_decodes_it_alone(decoders, tmp_path_factory):
-    """Continuous batching on compiled steps (batch 1, then the dense library over strided slots): every
+    """Continuous batching on compiled steps (batch 1, then the library of 2 rows up, strided slots): every
     request's greedy tokens are the eager engine's for its prompt alone, whatever joined it."""
     from _trained_tiny import PROMPTS, trained_tiny_checkpoint
 

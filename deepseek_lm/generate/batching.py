@@ -21,9 +21,9 @@ Running streams therefore wait at most one prefill chunk (~40 ms of a 2-core CPU
 preset) per new prompt.
 
 Decode steps, by default on a CPU in fp32 (`aot`), run through libraries compiled ahead of time
-(model/aot.py: one for a single row, one for every batch size where all experts run, steps attending to
-the positions in use): ~5× the eager decoder's tokens/s at one client, ~2× at 16 (seed architecture, one
-thread). Their products pick kernels by the number of rows, so a row's logits can move in the last bits
+(model/aot.py: one for a single row, one for every batch size from 2 rows, steps attending to the
+positions in use): ~7× the eager batch-invariant decoder's tokens/s at one client, ~3× at 4, ~1.6× at 16
+(demo, one thread). Their products pick kernels by the number of rows, so a row's logits can move in the last bits
 with the batch beside it, and a greedy token where two logits tie that closely.
 
 `aot=False` (`serve --batch-invariant`) keeps a request's output its own: the decoder is built once (again
@@ -326,8 +326,8 @@ class BatchEngine:
         prefilling (~25 + 20 ms on the seed preset) serve every request."""
         model, n, device = self.model, self.max_batch_size, self._device
         self.decoder = Decoder(model, n, compile=self.compile, batch_invariant=not (self.compile or self.aot))
-        # compiled steps: batch 1 (each token's experts gathered), and from 2 rows one library for every
-        # size where all experts run (dense), else one per size; built (or loaded) by the warm-up
+        # compiled steps: batch 1, and from 2 rows a library per kind of step (`aot.library_batch`); built
+        # (or loaded) by the warm-up
         self._aot_steps: dict[int, AOTDecoder] = {}
         self.fast_prefill = Prefill(model) if Prefill.supports(model) else None  # model/prefill.py
         # chunks under its MIN_TOKENS through a library too (model/aot.py)

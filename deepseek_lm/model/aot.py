@@ -7,9 +7,9 @@ each row's greedy next token with `torch.export`, compiles it with `torch._induc
 and loads it with the loader that `aoti_load_package` wraps. The weights are inputs of the compiled step,
 not constants baked into it: one artifact serves every checkpoint of a configuration and weights that
 change between calls (a model in training) need no new compile. The cache length is a dynamic dimension
-(one artifact for every prompt and output length), and so is the batch where the step runs every routed
-expert (`decode.dense_experts`); below that each batch size has its own. `CompiledPrefill` is the same step
-over a prompt's tokens (their number dynamic), for short prompts of one row.
+(one artifact for every prompt and output length), and so is the batch from 2 rows: one library for the
+sizes that gather each token's experts (`gathers`), one for those that run every expert. `CompiledPrefill`
+is the same step over a prompt's tokens (their number dynamic), for short prompts of one row.
 
 Artifacts are cached on disk (`cache_dir()`, `$DEEPSEEK_LM_CACHE` or ~/.cache/deepseek-lm), keyed by all
 they depend on: the configuration, the weights' shapes and layouts, the batch size (or the dynamic range)
@@ -41,6 +41,7 @@ from deepseek_lm.model.mla import LatentCache, token_positions
 from deepseek_lm.model.transformer import DeepSeekLM
 
 _MAX_BATCH = 1024  # the dynamic batch dimension's upper bound (dense steps)
+_GATHERED_READS = 10  # compiled steps gather experts while the rows read each expert fewer times than this
 # `Engine` decodes through the libraries up to this many rows: from 3 the eager decoder's products go through
 # oneDNN's AVX-512 kernels (decode.py), faster than the libraries' MKL products where the head is large (seed
 # preset, one thread: batch 4 762 vs 600 tokens/s, 8 1,275 vs 1,068; batch 1 473 vs 268, 2 395 vs 291)
@@ -80,13 +81,21 @@ def default_on(model: torch.nn.Module) -> bool:
     return on and p.device.type == "cpu" and p.dtype == torch.float32 and available()
 
 
+def gathers(config, rows: int) -> bool:
+    """Whether a compiled step of `rows` rows gathers each token's experts (a fused kernel that reads them in
+    place) rather than running every expert through the library's products: on this project's CPU it wins
+    up to ~9 reads of each expert (demo, one thread, a step at batch 2 604 vs 1,110 µs, 4 1,085 vs 2,081, 8
+    1,757 vs 2,705, 16, 64 reads of 7 experts, 3,233 vs 3,971): MKL runs its generic kernels on AMD."""
+    return rows * config.num_experts_per_tok < _GATHERED_READS * config.n_routed_experts
+
+
 def library_batch(config, rows: int) -> int:
-    """The batch size whose library serves steps of `rows` rows: itself where each token's experts are
-    gathered (a library per size), else the smallest size that runs every expert (one library, a dynamic
-    batch, for all of them)."""
-    if rows == 1 or not decode.dense_experts(config, rows, compile=True):
-        return rows
-    return next(b for b in range(2, rows + 1) if decode.dense_experts(config, b, compile=True))
+    """The batch size whose library serves steps of `rows` rows: 1 for one row; from 2, one library (a
+    dynamic batch) for the sizes that gather experts, from 2 up, and one for those that run every expert,
+    from the smallest such size up."""
+    if rows == 1 or gathers(config, rows):
+        return min(rows, 2)
+    return next(b for b in range(2, rows + 1) if not gathers(config, b))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +118,7 @@ class CompiledStep:
     def __init__(self, weights: decode.DecoderWeights, shapes: Shapes) -> None:
         if shapes.batch == 1 and not shapes.dynamic_batch:  # one row: how far apart rows are never matters
             shapes = dataclasses.replace(shapes, slot_positions=None)
-        elif shapes.dynamic_batch:  # every dense size shares the library of the smallest
+        elif shapes.dynamic_batch:  # the sizes of a library share the library of the smallest
             shapes = dataclasses.replace(shapes, batch=library_batch(weights.config, shapes.batch))
         self.template, self.shapes = weights, shapes
         self.weights = flatten(weights)
@@ -162,13 +171,14 @@ class AOTDecoder(Decoder):
     def __init__(self, model: DeepSeekLM, batch_size: int, slot_positions: int | None = None) -> None:
         """`slot_positions`: steps read slices of caches whose rows hold that many positions (`Shapes`),
         through `self.compiled`; None: a `LatentCache` each call."""
-        super().__init__(model, batch_size, compile=True)  # the compiled graphs' layout, no packed weights
+        # the compiled graphs' layout, no packed weights; experts gathered as `gathers` says
+        super().__init__(model, batch_size, compile=True, dense=not gathers(model.config, batch_size))
         if self.weights.head_packed is not None:  # the head runs inside the step: its plain (D, V) copy
             head = model.lm_head.weight.detach().t().contiguous()
             self.weights = dataclasses.replace(self.weights, head_DV=head, head_packed=None)
         self.compile = False
-        # a dense step does the same work for every batch size: one library, the batch dynamic
-        self.compiled = CompiledStep(self.weights, Shapes(batch_size, self.dense, slot_positions))
+        # from 2 rows a library serves a range of batch sizes (the batch dynamic): `library_batch`
+        self.compiled = CompiledStep(self.weights, Shapes(batch_size, batch_size > 1, slot_positions))
 
     def __call__(self, ids: torch.Tensor, cache: LatentCache, start_pos: int | torch.Tensor) -> torch.Tensor:
         return self.with_argmax(ids, cache, start_pos)[0]
@@ -243,7 +253,11 @@ def _compile(weights: decode.DecoderWeights, shapes: Shapes, path: Path) -> None
     # a slice of longer rows: the library keeps their stride, whatever L (which stays below it)
     kvs = [torch.zeros(B, slots or L, C, dtype=dtype, device=dev)[:, :L] for _ in weights.attn]
     Ld = torch.export.Dim("L", min=2, max=slots - 1 if slots else cfg.max_position_embeddings)
-    Bd = torch.export.Dim("B", min=B, max=_MAX_BATCH) if shapes.dynamic_batch else None
+    if shapes.dynamic_batch:  # the gathering sizes (from 2), or every size from the first dense one
+        top = _MAX_BATCH if not gathers(cfg, B) else max(b for b in range(B, _MAX_BATCH) if gathers(cfg, b))
+        Bd = torch.export.Dim("B", min=B, max=top) if top > B else None
+    else:
+        Bd = None
     rows = {0: Bd} if Bd is not None else {}
     tokens = {**rows, 1: torch.export.Dim("T", min=2, max=cfg.max_position_embeddings)} if T > 1 else rows
     dims = (tokens, tokens, [{**rows, 1: Ld}] * len(kvs), [None] * len(flatten(weights)))

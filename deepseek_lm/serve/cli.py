@@ -56,7 +56,7 @@ def _parser() -> ArgumentParser:
         "--batch-invariant",
         action="store_true",
         help="the eager batch-invariant decoder: a request's output bitwise the same alone or in a full "
-        "batch, at a third to a fifth of the speed (default on a CPU: steps compiled ahead of time, whose "
+        "batch, at a seventh to two thirds of the speed (default on a CPU: steps compiled ahead of time, whose "
         "numbers can move in the last bits with the batch)",
     )
     p.add_argument(
