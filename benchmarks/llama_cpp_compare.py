@@ -9,8 +9,9 @@ What it does:
    cached under ~/.cache/deepseek-lm/llama.cpp);
 2. converts the checkpoint with our own GGUF export (`deepseek-lm export --format gguf`, f32: the same
    weights; `--gguf FILE` takes a file made elsewhere instead);
-3. decode at batch 1: llama-bench's tg (`-p 0 -n N`) against our `Engine` on its default path (greedy, a
-   one-token prompt, tokens/s = (N - 1) / (t(N) - t(1)), so the prefill stays out), at each `--threads`;
+3. decode at batch 1: llama-bench's tg (`-p 0 -n N -r 3`) against our `Engine` on its default path (greedy,
+   a one-token prompt, tokens/s = (N - 1) / (t(N) - t(1)), so the prefill stays out; the median of three),
+   at each `--threads`;
 4. prefill: llama-bench's pp (`-p 512 -n 0`) against our `Engine` filling a 512-token prompt (and taking
    its first token), at each `--threads`;
 5. serving: `llama-server` (`-np 16`, continuous batching) against `deepseek-lm serve` (16 slots), both
@@ -71,6 +72,7 @@ def main() -> int:
     )  # fmt: skip
     print(" · ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     bin_dir = llama_cpp.ensure_built(args.cache)
+    _build_libraries(args.checkpoint, max(args.clients))
     with tempfile.TemporaryDirectory(prefix="llama-cpp-compare-") as tmp:
         gguf = args.gguf or _export_gguf(args.checkpoint, Path(tmp))
         table = _decode_and_prefill(args, bin_dir, gguf)
@@ -87,6 +89,26 @@ def main() -> int:
     out.write_text(json.dumps(dict(info=info, results=table), indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def _build_libraries(checkpoint: str, slots: int) -> None:
+    """Our compiled steps (model/aot.py) built into their disk cache by another process, once: the measured
+    processes (this one, the server) only load them, and no compile's leftovers share their heap."""
+    code = (
+        "import sys\n"
+        "from deepseek_lm.checkpoint import load_checkpoint\n"
+        "from deepseek_lm.generate.batching import BatchEngine\n"
+        "from deepseek_lm.generate.engine import Engine\n"
+        "ckpt = load_checkpoint(sys.argv[1])\n"
+        "Engine(ckpt.model, ckpt.tokenizer).generate_ids([[0, 1, 2]], 2)  # one row, a short prompt\n"
+        "BatchEngine(ckpt.model, ckpt.tokenizer, max_batch_size=int(sys.argv[2])).start().close()\n"
+    )
+    print("building (or finding) our compiled decode steps", flush=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code, checkpoint, str(slots)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"building our compiled steps failed: {result.stderr.strip()[-800:]}")
 
 
 def _export_gguf(checkpoint: str, tmp: Path) -> Path:
@@ -120,8 +142,9 @@ def _decode_and_prefill(args, bin_dir: Path, gguf: Path) -> dict[str, dict]:
         for r in range(args.rounds):
             ours_first = r % 2 == 1  # who goes first alternates
             for who in ("ours", "llama.cpp") if ours_first else ("llama.cpp", "ours"):
-                if who == "ours":
-                    d, pf = _ours_decode(engine, args.decode_tokens), _ours_prefill(engine, prompt)
+                if who == "ours":  # as llama-bench's -r 3: three runs each
+                    d = statistics.median(_ours_decode(engine, args.decode_tokens) for _ in range(3))
+                    pf = statistics.median(_ours_prefill(engine, prompt) for _ in range(3))
                 else:
                     d = _llama_bench(bin_dir, gguf, threads, 0, args.decode_tokens)
                     pf = _llama_bench(bin_dir, gguf, threads, len(prompt), 0)
