@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepseek_lm.bench import BenchConfig
-from deepseek_lm.bench_speculative import _prompts
+from deepseek_lm.bench.speculative import _prompts
 from deepseek_lm.checkpoint import load_checkpoint
 from deepseek_lm.generate import Engine, SamplingConfig
 from deepseek_lm.generate import speculative as spec

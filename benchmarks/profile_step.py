@@ -14,7 +14,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from deepseek_lm.bench import _build_training, _train_step, load_ours
+from deepseek_lm.bench.ours import load_ours
+from deepseek_lm.bench.training import build_training, train_step
 from deepseek_lm.config import DeepSeekConfig
 from deepseek_lm.model import get_model
 
@@ -33,16 +34,16 @@ def top_ops(prof, device: torch.device, n: int) -> str:
 
 def profile_training(config, device, batch_size, seq_len, compile, steps):
     torch.manual_seed(0)
-    model, optimizer = _build_training("ours", config, get_model(config).state_dict(), device, compile)
+    model, optimizer = build_training("ours", config, get_model(config).state_dict(), device, compile)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=device)
     x, y = ids[:, :-1], ids[:, 1:]
     for _ in range(3):  # warm up (and compile)
-        _train_step("ours", model, optimizer, x, y, device)
+        train_step("ours", model, optimizer, x, y, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            _train_step("ours", model, optimizer, x, y, device)
+            train_step("ours", model, optimizer, x, y, device)
     print(f"{steps} steps of {batch_size} × {seq_len} tokens in {time.perf_counter() - t0:.3f} s (profiled)")
     return prof
 

@@ -22,13 +22,19 @@ Each iteration of the loop (a thread):
 Running streams therefore wait at most one prefill chunk (~40 ms of a 2-core CPU at 256 tokens, seed
 preset) per new prompt.
 
-A request's output is its own: the decoder is built once (again only when the model's weights changed while
-nothing was decoding: `_follow_weights`), batch-invariant (model/decode.py: a row's logits
-are bitwise the same whatever rows share the step and whatever attended length), a step attends to a
-length rounded up to the decoder's attention slice, and sampling reads only the row's logits and
-generator. So greedy output, and sampled output with a `seed`, is the same alone or in a full batch
-(tests/test_batching.py). The one exception is `compile=True`: compiled kernels are picked per batch shape
-(rows rounded up to a power of 2, the whole context attended), and rows may round differently there.
+Decode steps, by default on a CPU in fp32 (`aot`), run through libraries compiled ahead of time
+(model/aot.py: one for a single row, one for every batch size from 2 rows, steps attending to the
+positions in use): ~7× the eager batch-invariant decoder's tokens/s at one client, ~3× at 4, ~1.6× at 16
+(demo, one thread). Their products pick kernels by the number of rows, so a row's logits can move in the last bits
+with the batch beside it, and a greedy token where two logits tie that closely.
+
+`aot=False` (`serve --batch-invariant`) keeps a request's output its own: the decoder is built once (again
+only when the model's weights changed while nothing was decoding: `_follow_weights`), batch-invariant
+(model/decode.py: a row's logits are bitwise the same whatever rows share the step and whatever attended
+length), a step attends to a length rounded up to the decoder's attention slice, and sampling reads only
+the row's logits and generator. So greedy output, and sampled output with a `seed`, is the same alone or in
+a full batch (tests/test_batching.py). `compile=True` gives it up too: compiled kernels are picked per batch
+shape (rows rounded up to a power of 2, the whole context attended).
 
 Each row's logits pass through its request's processing (logits_processing.py: logit bias, penalties, a
 structured-output grammar's mask) before sampling; log-probabilities are read off the model's logits. A
@@ -69,6 +75,7 @@ from deepseek_lm.generate.logits_processing import (
 from deepseek_lm.generate.prefix_cache import PrefixCache, chunk_keys
 from deepseek_lm.generate.sampling import SamplingConfig, argmax, make_generator, sample
 from deepseek_lm.generate.streaming import TextStream
+from deepseek_lm.model.aot import AOTDecoder, CompiledPrefill, default_on, library_batch
 from deepseek_lm.model.decode import _KV_CHUNK, Decoder, weights_stamp
 from deepseek_lm.model.prefill import Prefill, fill
 
@@ -189,9 +196,12 @@ class BatchEngine:
         compile: bool = False,
         chunk_starts: Collection[int] = (),
         prefix_cache_bytes: int = 0,
+        aot: bool | None = None,
     ) -> None:
         """`prefix_cache_bytes`: keep up to this many bytes of recent prompts' latents, chunk by chunk, and
-        start a prompt that begins the same way after them (prefix_cache.py; 0: off)."""
+        start a prompt that begins the same way after them (prefix_cache.py; 0: off). `aot`: decode steps
+        through libraries compiled ahead of time (model/aot.py; None: where `aot.default_on` says, unless
+        `compile`), not batch-invariant; False: the batch-invariant eager decoder (the module's docstring)."""
         cfg = model.config
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise UserError(
@@ -199,6 +209,7 @@ class BatchEngine:
                 f"(got {max_batch_size}, {max_queue}, {prefill_chunk})"
             )
         self.model, self.tokenizer, self.compile = model.eval(), tokenizer, compile
+        self.aot = aot if aot is not None else not compile and self.draft_tokens == 0 and default_on(model)
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.context_length = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
         special = special_token_ids(tokenizer) if tokenizer is not None else {}
@@ -332,15 +343,32 @@ class BatchEngine:
         """The decoder, the prefill and the caches: built once, the weights rearranged for decoding and for
         prefilling (~25 + 20 ms on the seed preset) serve every request."""
         model, n, device = self.model, self.max_batch_size, self._device
-        self.decoder = Decoder(model, n, compile=self.compile, batch_invariant=not self.compile)
+        self.decoder = Decoder(model, n, compile=self.compile, batch_invariant=not (self.compile or self.aot))
+        # compiled steps: batch 1, and from 2 rows a library per kind of step (`aot.library_batch`); built
+        # (or loaded) by the warm-up
+        self._aot_steps: dict[int, AOTDecoder] = {}
         self.fast_prefill = Prefill(model) if Prefill.supports(model) else None  # model/prefill.py
-        self.cache = model.new_cache(n, self.context_length, device=device)
+        # chunks under its MIN_TOKENS through a library too (model/aot.py)
+        self._short_prefill = CompiledPrefill(model) if self.aot else None
+        # compiled ahead of time, the steps read the first L positions of the slots, L < the slots' length
+        self.cache = model.new_cache(n, self.context_length + self.aot, device=device)
         self._staging = model.new_cache(1, self.context_length, device=device)
 
     def _warm_up(self, rows: int) -> None:
         ids = torch.full((rows, 1), self.pad_token_id, dtype=torch.long, device=self._device)
         kvs = [kv[:rows, : self._attended(1)] for kv in self.cache.kv]  # free slots: garbage is fine
-        self.decoder.step(ids, torch.zeros_like(ids), kvs)
+        self._step(ids, torch.zeros_like(ids), kvs)
+
+    def _step(
+        self, ids: torch.Tensor, pos: torch.Tensor, kvs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> the logits (B, V) after ids (B, 1) at pos (B, 1), and their argmax where the step takes it."""
+        if not self.aot:
+            return self.decoder.step(ids, pos, kvs), None
+        size = library_batch(self.model.config, ids.shape[0])
+        if size not in self._aot_steps:
+            self._aot_steps[size] = AOTDecoder(self.model, size, slot_positions=self.cache.max_len)
+        return self._aot_steps[size].compiled(ids, pos, kvs)
 
     # the loop (its own thread) ------------------------------------------------------------------------------
     # Every request is answered: work that concerns one request runs under `_guarded`, which fails that
@@ -514,7 +542,10 @@ class BatchEngine:
         """Prompt tokens start..end - 1 into the staging cache -> the final-normed state after them (1, D),
         or with `every_state` the state after each of them (1, T, D)."""
         ids = torch.tensor([request.prompt_ids[start:end]], device=self._device)  # (1, T)
-        return fill(self.model, self.fast_prefill, ids, self._staging, start, every_state=every_state)
+        short = self._short_prefill
+        return fill(
+            self.model, self.fast_prefill, ids, self._staging, start, every_state=every_state, short=short
+        )
 
     def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
         """The prompt is in the staging cache and `logits` (1, V) follow it: sample the first token, and
@@ -549,9 +580,10 @@ class BatchEngine:
         pos[:n, 0] = torch.tensor([r._pos for r in rows])
         length = self._attended(int(pos.max()) + 1)
         kvs = [kv[:B, :length] for kv in self.cache.kv]
-        logits = self.decoder.step(ids.to(self._device), pos.to(self._device), kvs)[:n]  # (n, V)
+        logits, greedy = self._step(ids.to(self._device), pos.to(self._device), kvs)
+        logits = logits[:n]  # (n, V)
         self.steps += 1
-        for request, token, row in zip(rows, self._sample(logits, rows), logits):
+        for request, token, row in zip(rows, self._sample(logits, rows, greedy), logits):
             if token is not None:  # None: the request failed while its token was picked
                 self._guarded([request], self._next, request, token, row)
 
@@ -573,18 +605,25 @@ class BatchEngine:
 
     def _attended(self, end: int) -> int:
         """Cache positions a step attends to: up to the furthest row, rounded up to the decoder's attention
-        slice (a row's numbers do not change with it); compiled, the whole context (one graph)."""
+        slice (a row's numbers do not change with it); compiled, the whole context (one graph); ahead of
+        time, exactly (one library serves every length)."""
+        if self.aot:
+            return max(end, 2)
         if self.compile:
             return self.context_length
         return min(-(-end // _KV_CHUNK) * _KV_CHUNK, self.context_length)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | None]:
+    def _sample(
+        self, logits: torch.Tensor, requests: list[Request], argmax_ids: torch.Tensor | None = None
+    ) -> list[int | None]:
         """(n, V) -> each row's next token, with its request's processing, settings and generator (None
-        where that failed: the request is answered with the error); plain greedy rows in one argmax."""
+        where that failed: the request is answered with the error); plain greedy rows in one argmax (or
+        from `argmax_ids`, the step's own, when it took one)."""
         plain = [i for i, r in enumerate(requests) if r.params.sampling.greedy and not r._processor.active]
         tokens: list[int | None] = [None] * len(requests)
         if plain:
-            for i, token in zip(plain, argmax(logits[plain].float()).tolist()):
+            picked = argmax_ids[plain] if argmax_ids is not None else argmax(logits[plain].float())
+            for i, token in zip(plain, picked.tolist()):
                 tokens[i] = token
         for i in sorted(set(range(len(requests))) - set(plain)):
             tokens[i] = self._guarded([requests[i]], self._sample_row, logits[i], requests[i])

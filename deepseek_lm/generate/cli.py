@@ -67,6 +67,12 @@ def _generate_parser() -> ArgumentParser:
         help="torch.compile the decode step: ~20 s once per batch size, then faster tokens (long outputs)",
     )
     p.add_argument(
+        "--eager",
+        action="store_true",
+        help="decode without the step compiled ahead of time (the default on a CPU: compiled once per model "
+        "configuration and batch size, ~1 min, and cached on disk)",
+    )
+    p.add_argument(
         "--speculative",
         action="store_true",
         help="self-speculative decoding with the checkpoint's MTP module: same output (greedy) or the same "
@@ -97,7 +103,7 @@ def main_generate(argv: list[str]) -> int:
         raise UserError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
     engine = Engine.from_checkpoint(
         args.checkpoint, device=args.device, compile=args.compile,
-        speculative=args.speculative, draft_tokens=args.draft_tokens,
+        speculative=args.speculative, draft_tokens=args.draft_tokens, aot=False if args.eager else None,
     )  # fmt: skip
     if engine.tokenizer is None:  # the library takes token ids; the command line has only text
         raise UserError(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,13 +27,14 @@ import torch
 
 from deepseek_lm.data.tokenizer import special_token_ids
 from deepseek_lm.errors import UserError
-from deepseek_lm.generate.sampling import SamplingConfig, make_generator, sample
+from deepseek_lm.generate.sampling import SamplingConfig
+from deepseek_lm.generate.speculative import SpeculativeState
+from deepseek_lm.generate.state import Completion, DecodeState
 from deepseek_lm.generate.streaming import TextStream
-from deepseek_lm.model.decode import Decoder, weights_stamp
-from deepseek_lm.model.prefill import Prefill, fill
+from deepseek_lm.model.aot import default_on
+from deepseek_lm.model.decode import weights_stamp
 
 _SYNC_EVERY = 16  # decode steps between "all rows finished?" checks on a GPU (each check is a device sync)
-_COMPILED_CACHE_MULTIPLE = 256  # cache lengths of a compiled engine: one graph serves all calls up to it
 _FAST_PATHS_KEPT = 4  # rearranged weights kept between calls (`Engine.fast_path`), the most recently used
 T = TypeVar("T")
 
@@ -44,17 +44,6 @@ StreamCallback = Callable[[int, str], None]
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt lost its oldest tokens to fit the context window."""
-
-
-@dataclass
-class Completion:
-    text: str  # the generated text (no prompt, no special tokens, cut before a stop string)
-    token_ids: list[int]  # generated ids, EOS excluded; with a stop string, up to the token completing it
-    # "eos" (the end-of-sequence token or one of `stop_token_ids`, e.g. a chat template's end of turn) | "stop"
-    # (a stop string) | "length" (max_new_tokens) | "context" (window full)
-    finish_reason: str
-    prompt_tokens: int  # prompt length after any truncation
-    logits: torch.Tensor | None = None  # (len(token_ids) (+1 when EOS ended it), V) fp32, on request
 
 
 class Engine:
@@ -73,10 +62,14 @@ class Engine:
         compile: bool = False,
         speculative: bool = False,
         draft_tokens: int = 1,
+        aot: bool | None = None,
     ) -> None:
-        """`compile`: decode steps through `torch.compile` (model/decode.py): the first `generate` of each
-        batch size and cache length compiles (~20 s on a CPU), and every step after it runs ~1.5-1.8× faster
-        (seed preset, batch 1, one CPU thread). `speculative`: self-speculative decoding with the model's
+        """`aot`: one-token decode steps through a library compiled ahead of time (model/aot.py: C++
+        kernels, no Python between them, the greedy token taken inside the step); None: on for a CPU model
+        in fp32 where a C++ compiler is (`aot.default_on`) and neither `compile` nor `speculative` is asked
+        for. A batch size's first use compiles it once (~1 min on 2 cores), cached on disk for later runs.
+        `compile`: decode steps through `torch.compile` (model/decode.py) instead: the first `generate` of
+        each batch size and cache length compiles (~20 s on a CPU). `speculative`: self-speculative decoding with the model's
         first MTP module drafting `draft_tokens` tokens per round (generate/speculative.py); greedy output is
         plain greedy's, sampled output has plain sampling's distribution."""
         config = model.config
@@ -91,6 +84,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.compile = compile
         self.speculative, self.draft_tokens = speculative, draft_tokens
+        if aot and (compile or speculative):
+            raise UserError("aot decoding replaces compile and runs no speculative rounds: pick one")
+        self.aot = aot if aot is not None else not (compile or speculative) and default_on(model)
         self.speculative_stats: Any = None  # the last speculative call's SpeculativeStats
         self._fast_paths: dict[tuple, tuple[tuple | None, Any]] = {}  # (class, sizes, options) -> (stamp, it)
         self.context_length: int = config.max_position_embeddings
@@ -240,9 +236,7 @@ class Engine:
             raise UserError("every prompt needs at least one token")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         rows = [self._fit_to_context(r, max_new_tokens, i) for i, r in enumerate(rows)]
-        state_type = _DecodeState
-        if self.speculative:  # loaded only when asked for (speculative.py builds on this module)
-            from deepseek_lm.generate.speculative import SpeculativeState as state_type
+        state_type = SpeculativeState if self.speculative else DecodeState
         state = state_type(self, rows, max_new_tokens, sampling, seed, output_logits, stop_token_ids)
         self.speculative_stats = getattr(state, "stats", None)
         streams = None
@@ -281,120 +275,7 @@ class Engine:
         return self.tokenizer
 
 
-class _DecodeState:
-    """The buffers of one `generate` call: cache, positions, generated ids, finished rows, RNG."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        rows: list[list[int]],
-        max_new_tokens: int,
-        sampling: SamplingConfig,
-        seed: int | None,
-        output_logits: bool,
-        stop_token_ids: Sequence[int] = (),
-    ) -> None:
-        model, device = engine.model, engine.device
-        self.model, self.tokenizer, self.sampling = model, engine.tokenizer, sampling
-        self.pad, self.max_new_tokens = engine.pad_token_id, max_new_tokens
-        self.ends = end_token_ids(engine, stop_token_ids)
-        self.ends_t = torch.tensor(self.ends, dtype=torch.long, device=device)
-        self.lengths = [len(r) for r in rows]
-        batch, longest, ctx = len(rows), max(self.lengths), engine.context_length
-        # per row: new tokens before max_new_tokens or the end of the context, whichever comes first
-        self.budget = [min(max_new_tokens, ctx - n) for n in self.lengths]
-        self.steps = max(self.budget)
-        cache_len = min(longest + max_new_tokens, ctx)
-        if engine.compile:  # compiled steps are specialised to the cache length: round it so calls share them
-            cache_len = min(-(-cache_len // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE, ctx)
-        self.cache = model.new_cache(batch, cache_len, device=device)
-        self.generator = make_generator(seed, device)
-        self.out = torch.full((batch, max(self.steps, 1)), self.pad, dtype=torch.long, device=device)
-        self.done = torch.tensor([n <= 0 for n in self.budget], device=device)
-        self.budget_t = torch.tensor(self.budget, device=device)
-        self.ended: set[int] = set()  # rows whose text is complete (EOS or a stop string), host side
-        self.stopped_at: dict[int, int] = {}  # row -> step of the token that completed a stop string
-        self.logits_log: list[torch.Tensor] | None = [] if output_logits else None
-        # (B, V) bool: the tokens each row holds so far, for the repetition penalty
-        self.seen = (
-            _seen_mask(rows, model.config.vocab_size, device) if sampling.repetition_penalty != 1 else None
-        )
-        self.decoder = engine.fast_path(Decoder, batch, compile=engine.compile)  # model/decode.py
-        fast = Prefill.supports(model, batch * longest)  # built only where it will run: model/prefill.py
-        self.fast_prefill = engine.fast_path(Prefill) if fast else None
-        self.logits, self.pos = self._prefill(_right_pad(rows, self.pad, device))
-
-    def _next_logits(self, ids: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
-        """Run `ids` (B, T) through the model at `start_pos`; -> the logits after the last one (B, V)."""
-        if ids.shape[1] == 1:
-            return self.decoder(ids, self.cache, start_pos)
-        return self.decoder.logits(fill(self.model, self.fast_prefill, ids, self.cache, start_pos))
-
-    def _prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
-        """Fill the cache with the prompts; return next-token logits (B, V) and the next positions."""
-        longest = prompt.size(1)
-        if all(n == longest for n in self.lengths):
-            return self._next_logits(prompt, 0), longest
-        # ragged: all but the last column in one pass, then each row's last token at its own position
-        if longest > 1:
-            fill(self.model, self.fast_prefill, prompt[:, :-1], self.cache, 0)
-        last_pos = torch.tensor(self.lengths, device=prompt.device) - 1  # (B,)
-        last_tok = prompt.gather(1, last_pos[:, None])  # (B, 1)
-        return self._next_logits(last_tok, last_pos), last_pos + 1
-
-    def step(self, t: int, last: bool) -> None:
-        """Pick token t of every row from the current logits, then (unless `last`) run it through the model."""
-        logits = self.logits.float()
-        if self.logits_log is not None:
-            self.logits_log.append(logits.clone())
-        nxt = sample(logits, self.sampling, self.generator, self.seen)  # (B,)
-        nxt.masked_fill_(self.done, self.pad)
-        self.out[:, t] = nxt
-        if self.ends:
-            self.done |= torch.isin(nxt, self.ends_t)
-        self.done |= self.budget_t <= t + 1
-        if self.seen is not None:
-            self.seen.scatter_(1, nxt[:, None], True)
-        if last:
-            return
-        self.logits = self._next_logits(nxt[:, None], self.pos)
-        # per-row positions: a finished row stays on its last slot, so it never outgrows the cache
-        self.pos = self.pos + 1 if isinstance(self.pos, int) else self.pos + (~self.done).long()
-
-    def finished(self, t: int) -> bool:
-        """Every row done after step t."""
-        return bool(self.done.all())
-
-    def completions(self, streams: list[TextStream] | None) -> list[Completion]:
-        logits = torch.stack(self.logits_log, dim=1) if self.logits_log else None  # (B, steps, V)
-        results = []
-        for b, ids in enumerate(self.out.tolist()):
-            ids, reason = self._finish_row(b, ids)
-            if streams is not None:
-                text = streams[b].text
-            else:
-                text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
-            n_logits = len(ids) + (reason == "eos")
-            row_logits = logits[b, :n_logits] if logits is not None else None
-            results.append(Completion(text, ids, reason, self.lengths[b], row_logits))
-        return results
-
-    def _finish_row(self, b: int, ids: list[int]) -> tuple[list[int], str]:
-        ids = ids[: self.budget[b]]
-        if b in self.stopped_at:  # cut first: the pad after it may be the EOS id
-            return ids[: self.stopped_at[b] + 1], "stop"
-        end = next((t for t, token in enumerate(ids) if token in self.ends), None)
-        if end is not None:
-            return ids[:end], "eos"
-        return ids, "length" if self.budget[b] == self.max_new_tokens else "context"
-
-
-def end_token_ids(engine: Engine, stop_token_ids: Sequence[int]) -> list[int]:
-    """The tokens that end a row: the end-of-sequence token and the caller's stop tokens."""
-    return list(dict.fromkeys(i for i in (engine.eos_token_id, *stop_token_ids) if i is not None))
-
-
-def _push_text(state: _DecodeState, streams: list[TextStream], t: int) -> Iterator[tuple[int, str]]:
+def _push_text(state: DecodeState, streams: list[TextStream], t: int) -> Iterator[tuple[int, str]]:
     """Feed step t's tokens to the rows' text streams; a row that hits a stop string is finished."""
     for b, token in enumerate(state.out[:, t].tolist()):
         if b in state.ended or t >= state.budget[b]:
@@ -409,20 +290,6 @@ def _push_text(state: _DecodeState, streams: list[TextStream], t: int) -> Iterat
             state.done[b] = True
         if piece:
             yield b, piece
-
-
-def _right_pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    prompt = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)  # (B, T)
-    for b, r in enumerate(rows):
-        prompt[b, : len(r)] = torch.tensor(r)
-    return prompt.to(device)
-
-
-def _seen_mask(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool)  # (B, V)
-    for b, r in enumerate(rows):
-        seen[b, r] = True
-    return seen.to(device)
 
 
 def _drain(run: Iterator[tuple[int, str]], callback: StreamCallback | None) -> list[Completion]:

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from deepseek_lm.errors import UserError
-from deepseek_lm.generate.engine import _COMPILED_CACHE_MULTIPLE, _DecodeState, _right_pad, end_token_ids
 from deepseek_lm.generate.sampling import SamplingConfig, argmax, draw, make_generator, probabilities, sample
+from deepseek_lm.generate.state import COMPILED_CACHE_MULTIPLE, DecodeState, end_token_ids, right_pad
 from deepseek_lm.model.draft import SpeculativeDecoder
 from deepseek_lm.model.mla import make_positions
 from deepseek_lm.model.prefill import Prefill, fill
@@ -126,8 +126,8 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(r.sum(-1, keepdim=True) > 0, r, p)
 
 
-class SpeculativeState(_DecodeState):
-    """`_DecodeState` (engine.py) with rounds of drafts and verification instead of one token per step.
+class SpeculativeState(DecodeState):
+    """`DecodeState` (state.py) with rounds of drafts and verification instead of one token per step.
 
     Token t of a row is ready once the row has written t + 1 tokens: `step(t)` runs rounds until every
     decoding row has, and rows ahead keep their extra tokens. The bookkeeping (tokens written, positions,
@@ -152,7 +152,7 @@ class SpeculativeState(_DecodeState):
         self.seen = None
         self.stats = SpeculativeStats(histogram=[0] * (self.drafts_per_round + 1))
         self._allocate(engine, len(rows), output_logits)
-        self._prefill(_right_pad(rows, self.pad, self.device))
+        self._prefill(right_pad(rows, self.pad, self.device))
 
     def _allocate(self, engine: Any, B: int, output_logits: bool) -> None:
         """The decoder, both caches and the host-side buffers."""
@@ -161,14 +161,14 @@ class SpeculativeState(_DecodeState):
         # the last accepted one): room for them past the last one kept
         cache_len = min(max(self.lengths) + self.max_new_tokens, engine.context_length) + 2 * D
         if engine.compile:  # compiled steps are specialised to the cache length: round it so calls share them
-            cache_len = -(-cache_len // _COMPILED_CACHE_MULTIPLE) * _COMPILED_CACHE_MULTIPLE
+            cache_len = -(-cache_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
         self.decoder = engine.fast_path(SpeculativeDecoder, B, D + 1, compile=engine.compile)
         fast = Prefill.supports(self.model, B * max(self.lengths))  # model/prefill.py
         self.fast_prefill = engine.fast_path(Prefill) if fast else None
         self.cache = self.model.new_cache(B, cache_len, device=device)
         self.draft_kv = self.decoder.new_draft_cache(cache_len)
         width = max(self.steps, 1) + D + 1  # a round may write D + 1 tokens past the last one needed
-        self.out = np.full((B, width), self.pad, dtype=np.int64)  # what the engine reads, as _DecodeState's
+        self.out = np.full((B, width), self.pad, dtype=np.int64)  # what the engine reads, as DecodeState's
         self.n = np.zeros(B, dtype=np.int64)  # tokens written per row
         self.budget_np = np.array(self.budget, dtype=np.int64)
         self.done = self.budget_np <= 0

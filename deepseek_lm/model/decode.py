@@ -376,6 +376,8 @@ class Decoder:
     `torch.compile` (the first step of each new batch size and cache length compiles, ~20 s on a CPU; past
     torch._dynamo's recompile limit, 8 shapes per process by default, new shapes run eager).
 
+    `dense`: whether every routed expert runs, all rows at once (None: `dense_experts`' rule).
+
     `batch_invariant` (eager, CPU, fp32): a row's logits are bitwise the same whatever other rows share the
     step and whatever L `step` attends to: every product through oneDNN over weights laid out once (MKL's
     kernels change with the number of rows, and its one for a 7-wide router with a row's place; oneDNN's
@@ -387,13 +389,18 @@ class Decoder:
     """
 
     def __init__(
-        self, model: DeepSeekLM, batch_size: int, compile: bool = False, batch_invariant: bool = False
+        self,
+        model: DeepSeekLM,
+        batch_size: int,
+        compile: bool = False,
+        batch_invariant: bool = False,
+        dense: bool | None = None,
     ) -> None:
         cfg = model.config
         if compile and batch_invariant:
             raise ValueError("a compiled decoder picks its kernels per shape: it cannot be batch-invariant")
         self.compile = compile
-        self.dense = dense = dense_experts(cfg, batch_size, compile)
+        self.dense = dense = dense if dense is not None else dense_experts(cfg, batch_size, compile)
         # oneDNN's products (`onednn.pack`): the head from 3 rows; the SwiGLUs too outside compiled graphs,
         # which cannot hold them; every product when batch-invariant
         rows = max(batch_size, 3) if batch_invariant else batch_size
@@ -417,6 +424,12 @@ class Decoder:
                 route_rows=64 if batch_invariant else 1,
                 kv_chunk=_KV_CHUNK if batch_invariant else 0,
             )
+
+    def with_argmax(
+        self, ids: torch.Tensor, cache: LatentCache, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`self(...)`, and each row's greedy next token (B,) where the step computes it (else None)."""
+        return self(ids, cache, start_pos), None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., D) -> logits (..., V)."""

@@ -22,6 +22,7 @@ K experts per token, A = N·K assignments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,12 +144,16 @@ def fill(
     cache: LatentCache,
     start_pos: int | torch.Tensor,
     every_state: bool = False,
+    short: Any = None,
 ) -> torch.Tensor:
     """The latents of ids (B, T) at start_pos into the cache -> the final-normed state after each row's last
     token (B, D), or after every token (B, T, D): through `fast` where there is one, the rows share their
-    start and there are `MIN_TOKENS` of them or more, else through the model's forward."""
+    start and there are `MIN_TOKENS` of them or more; else through `short` where it takes them (model/aot.py's
+    `CompiledPrefill`), else through the model's forward."""
     if fast is not None and isinstance(start_pos, int) and ids_BT.numel() >= MIN_TOKENS:
         return fast(ids_BT, cache, start_pos, every_state)
+    if short is not None and isinstance(start_pos, int) and short.takes(ids_BT, every_state):
+        return short(ids_BT, cache, start_pos)
     out = model(
         ids_BT, cache=cache, start_pos=start_pos, last_logits_only=not every_state, return_hidden=True
     )

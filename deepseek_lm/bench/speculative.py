@@ -36,7 +36,7 @@ FIGURES = [  # (name, batch size of the figure: 1 or the decode batch, sampling)
 def run(cfg: Any, log) -> dict[str, Any]:
     """cfg: the bench's `BenchConfig` (checkpoint, draft_tokens, data_dir, prompt_len, new_tokens,
     decode_batch, rounds, compile, threads, seed)."""
-    from deepseek_lm.bench import machine_info
+    from deepseek_lm.bench.machine import machine_info
     from deepseek_lm.checkpoint import load_checkpoint
     from deepseek_lm.generate import Engine
 
