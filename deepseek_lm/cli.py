@@ -11,9 +11,10 @@ import importlib
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
-from deepseek_lm.errors import UserError
+from deepseek_lm.errors import Notice, UserError
 
 # name -> ("module:function", one-line help). The function takes the remaining argv, returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(name: str, rest: list[str], debug: bool) -> int:
     """The subcommand's exit code; errors become one line on stderr (or a traceback with --debug)."""
     module_name, func_name = COMMANDS[name][0].split(":")
+    if not debug:
+        _one_line_notices(name)
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         code = int(func(rest) or 0)
@@ -102,6 +105,24 @@ def _run(name: str, rest: list[str], debug: bool) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _one_line_notices(name: str) -> None:
+    """Our notices as one line each (`deepseek-lm NAME: message`), not Python's file:line and source
+    line; other warnings as Python shows them, less one of torch's own that says nothing to a user."""
+    python_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # warnings.showwarning's signature
+        if issubclass(category, Notice):
+            print(f"deepseek-lm {name}: {message}", file=sys.stderr if file is None else file)
+        else:
+            python_show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    # torch 2.13's AOTInductor packaging calls its own deprecated pytree API while a decode step compiles
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
 
 
 def parse_args(parser: Any, argv: list[str]) -> Any:

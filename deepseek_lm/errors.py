@@ -6,3 +6,8 @@ class UserError(Exception):
 
     The message names the input and says what to do.
     """
+
+
+class Notice(UserWarning):
+    """Something the user should know that is not a problem (a one-time compile, ...): the command line
+    shows it as one line on stderr, without the warning's file and source line."""

@@ -57,3 +57,19 @@ def test_a_reader_that_leaves_early_stops_the_command_quietly():
     proc.stdout.close()  # before the command prints (it imports torch first)
     err = proc.stderr.read()
     assert proc.wait() == 141 and err == "", err
+
+
+def test_notices_are_one_line_and_other_warnings_as_python_shows_them():
+    script = (
+        "import warnings\n"
+        "from deepseek_lm.cli import _one_line_notices\n"
+        "from deepseek_lm.model.aot import CompileNotice\n"
+        "_one_line_notices('generate')\n"
+        "warnings.warn('compiling the decode step once; cached in /tmp/x', CompileNotice)\n"
+        "warnings.warn('`isinstance(treespec, LeafSpec)` is deprecated, use ...', FutureWarning)\n"
+        "warnings.warn('something else', UserWarning)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "deepseek-lm generate: compiling the decode step once; cached in /tmp/x", proc.stderr
+    assert "LeafSpec" not in proc.stderr and "UserWarning: something else" in lines[1], proc.stderr

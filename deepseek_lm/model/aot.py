@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from deepseek_lm.errors import Notice
 from deepseek_lm.model import decode, moe, onednn
 from deepseek_lm.model.decode import Decoder
 from deepseek_lm.model.mla import LatentCache, token_positions
@@ -54,7 +55,7 @@ _INDUCTOR = {"cpp.threads": 1}
 _LOADED: dict[str, Any] = {}  # key -> the loaded package's runner, shared by every decoder in the process
 
 
-class CompileNotice(UserWarning):
+class CompileNotice(Notice):
     """The decode step is being compiled (once per configuration and machine; cached on disk)."""
 
 
