@@ -130,12 +130,14 @@ class CompiledStep:
     def __call__(
         self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, kvs: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.shapes.batch > 1 or (threads := torch.get_num_threads()) == 1:
+        if (threads := torch.get_num_threads()) == 1:
             next_ids, logits = self.runner.run([ids_BT, pos_BT, *kvs, *self.weights])
             return logits, next_ids
-        # one row on one thread: its library products (~25 a step, a few µs each) gain less from a second
-        # thread than each parallel region costs (on a busy machine every region waits for a descheduled
-        # thread: 145 tokens/s at 2 threads against 2,829 at 1, load 3)
+        # A step on one thread: its library products (~25 a step, a few µs each at batch 1) gain less from a
+        # second thread than each parallel region costs, and every region waits for a thread that the
+        # server's event loop or another process holds (batch 1 on a busy machine: 145 tokens/s at 2 threads
+        # against 2,829 at 1, load 3; the server on a quiet one, demo, 2 threads: 4 clients 1,568 against
+        # 1,021 tokens/s, 16 clients 2,100 against 1,823, load 1.2).
         torch.set_num_threads(1)
         try:
             next_ids, logits = self.runner.run([ids_BT, pos_BT, *kvs, *self.weights])
