@@ -268,3 +268,27 @@ def test_more_requests_than_the_engine_ever_holds_is_a_user_error(make_engine):
     with pytest.raises(UserError, match=r"6 generations at once are more than this server ever holds: 5"):
         engine.submit_all(items)
     assert len(engine.submit_all(items[:5])) == 5  # all of them fit at once
+
+
+def test_a_prompt_sent_again_is_prefilled_once_and_each_output_is_what_it_is_alone(make_engine):
+    """A request's `n` choices, RL's group of completions: the prompt just prefilled, sent again, starts
+    from the staging cache (no chunk computed); every completion's tokens and logits are bitwise what the
+    same request gives alone. Another prompt in between is prefilled as usual."""
+    engine = make_engine()
+    engine.eos_token_id = None
+    sampled = SamplingConfig(1.0, None)
+    same, other = PROMPTS[1], PROMPTS[2]  # PROMPTS[1] takes several chunks of 8
+    order = [same, same, same, other, same, same]
+    params = [Params(max_tokens=12, sampling=sampled, seed=100 + i, output_logits=True) for i in range(6)]
+    alone = [_collect(engine.submit(engine.encode(p), q)) for p, q in zip(order, params)]
+    chunks = []
+    prefill_chunk = engine._prefill_chunk
+    engine._prefill_chunk = lambda request, *a, **k: chunks.append(request) or prefill_chunk(request, *a, **k)
+    engine.repeated_prompts = 0
+    requests = engine.submit_all([(engine.encode(p), q, None) for p, q in zip(order, params)])
+    together = [_collect(r) for r in requests]
+    assert together == alone
+    # the first too: the last request alone had the same prompt, still staged
+    assert engine.repeated_prompts == 4
+    assert {id(r) for r in chunks} == {id(requests[i]) for i in (3, 4)}
+    assert len({text for _, text, _, _ in together}) > 1  # different seeds, different completions

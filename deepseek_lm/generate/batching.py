@@ -183,6 +183,10 @@ class BatchEngine:
     """Requests decoded together over `max_batch_size` cache slots of `context_length` positions."""
 
     draft_tokens = 0  # tokens drafted per row and round: 0, one token per step (SpeculativeBatchEngine: D)
+    # a prompt equal to the one just prefilled starts from the staging cache (`_repeat`); the speculative
+    # engine's staged state (its MTP pairs) is the request's own, so it prefills every prompt
+    repeats_staged = True
+    _staged: tuple[list[int], torch.Tensor] | None = None  # (prompt ids, the logits (1, V) after them)
 
     def __init__(
         self,
@@ -233,6 +237,7 @@ class BatchEngine:
         self._closing: str | None = None
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run
+        self.repeated_prompts = 0  # prompts started from the same prompt's prefill just before (`_repeat`)
 
     # the caller's side (any thread) -------------------------------------------------------------------------
 
@@ -353,6 +358,7 @@ class BatchEngine:
         # compiled ahead of time, the steps read the first L positions of the slots, L < the slots' length
         self.cache = model.new_cache(n, self.context_length + self.aot, device=device)
         self._staging = model.new_cache(1, self.context_length, device=device)
+        self._staged = None
 
     def _warm_up(self, rows: int) -> None:
         ids = torch.full((rows, 1), self.pad_token_id, dtype=torch.long, device=self._device)
@@ -414,6 +420,9 @@ class BatchEngine:
         budget = self.prefill_chunk  # prompt tokens this iteration: whole chunks, at least one
         while self._prefilling:
             request = self._prefilling[0]
+            if request._cuts is None and self._repeats(request):
+                self._guarded([request], self._repeat, request)
+                continue
             if request._cuts is None:
                 self._guarded([request], self._plan, request)
                 if request.done:
@@ -464,6 +473,7 @@ class BatchEngine:
             return
         request._keys = chunk_keys(ids, request._cuts)
         staged = [kv[0] for kv in self._staging.kv]
+        self._staged = None
         n = self.prefix_cache.restore(request._keys[:-1], request._cuts[:-1], staged)
         self.prefix_cache.count(len(ids), n)
         request._prefilled = request.cached_tokens = n
@@ -494,6 +504,7 @@ class BatchEngine:
         the chunks itself and leaves this nothing to do. The chunks are computed exactly as the next
         prompt's prefill computes them (`_prefill_chunk`), so reusing them changes no number."""
         job, staged = self._ahead[0], [kv[0] for kv in self._staging.kv]
+        self._staged = None
         start = self.prefix_cache.restore(job._keys, job._cuts, staged)
         for key, end in zip(job._keys, job._cuts):
             if end <= start:
@@ -526,7 +537,10 @@ class BatchEngine:
                 request.finish_reason = "length"
                 event = Event("", [], time.monotonic(), "length", prompt_logprobs=request._prompt_logprobs)
                 return self._send(request, event)
-            self._start_decoding(request, self.decoder.logits(hidden))
+            logits = self.decoder.logits(hidden)
+            if self.repeats_staged and not scored:
+                self._staged = (request.prompt_ids, logits)
+            self._start_decoding(request, logits)
 
     def _score_prompt(self, request: Request, logits_TV: torch.Tensor, start: int, end: int) -> None:
         """The log-probabilities of prompt tokens start + 1 .. end (those these positions predict)."""
@@ -541,11 +555,30 @@ class BatchEngine:
     ) -> torch.Tensor:
         """Prompt tokens start..end - 1 into the staging cache -> the final-normed state after them (1, D),
         or with `every_state` the state after each of them (1, T, D)."""
+        self._staged = None
         ids = torch.tensor([request.prompt_ids[start:end]], device=self._device)  # (1, T)
         short = self._short_prefill
         return fill(
             self.model, self.fast_prefill, ids, self._staging, start, every_state=every_state, short=short
         )
+
+    def _repeats(self, request: Request) -> bool:
+        """Whether the staging cache holds this prompt, whole, with the logits after it: the prompt just
+        prefilled, sent again (a request's `n` choices, RL's group of completions of one prompt)."""
+        staged = self._staged
+        if not self.repeats_staged or staged is None or request.params.prompt_logprobs is not None:
+            return False
+        return staged[0] == request.prompt_ids
+
+    def _repeat(self, request: Request) -> None:
+        """Start the request from the staged prompt: the same latents and logits its own prefill would
+        compute (the same computation, done once), so its output is bitwise what it is alone."""
+        with self._lock:
+            self._prefilling.popleft()
+        request._cuts = []
+        request._prefilled = request.cached_tokens = request.prompt_tokens
+        self.repeated_prompts += 1
+        self._start_decoding(request, self._staged[1])
 
     def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
         """The prompt is in the staging cache and `logits` (1, V) follow it: sample the first token, and

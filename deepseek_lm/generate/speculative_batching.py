@@ -81,6 +81,8 @@ class SpeculativeBatchEngine(BatchEngine):
 
     # set-up ---------------------------------------------------------------------------------------------------
 
+    repeats_staged = False  # the staged MTP pairs are the request's own (`_join` consumes them)
+
     def _build(self) -> None:
         model, n, device, D = self.model, self.max_batch_size, self._device, self.draft_tokens
         # a round writes up to 2·D - 1 positions past a row's newest token (D verified, then chained drafts
