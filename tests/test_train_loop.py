@@ -257,6 +257,30 @@ def test_the_budget_reserves_the_final_evaluation_at_each_processs_pace():
     assert budget(2) == pytest.approx(600 - 30_000 / 500 / 3 - FINISH_RESERVE_S)
 
 
+def test_a_slow_first_step_does_not_use_the_budget_up():
+    """A first step that compiles (a minute) beside 0.1 s steps: the final evaluation's reserve follows the
+    typical step, so the run goes on past its second step (it stopped there, the mean step then being 30 s)."""
+    from types import SimpleNamespace
+
+    from deepseek_lm.train.budget import TimeBudget
+
+    t = SimpleNamespace(
+        state=SimpleNamespace(train_seconds=0.0), cfg=SimpleNamespace(max_time_minutes=7.0),
+        data=SimpleNamespace(manifest={"splits": {"val": {"tokens": 60_000}}}), tokens_per_step=1_000,
+        dist=SimpleNamespace(world_size=1),
+    )  # fmt: skip
+    b = TimeBudget(t)
+    progress = []
+    for duration in [60.0] + [0.1] * 30:
+        b.record_step()  # what set_lr does before each step
+        progress.append(b.progress())
+        b.steps += 1
+        t.state.train_seconds += duration  # the step
+    assert max(progress) < 0.2
+    b.record_step()
+    assert b.progress() == pytest.approx(63.0 / (420 - 60_000 / 1_000 / 3 * 0.1 - 15), rel=1e-6)
+
+
 def test_bf16_autocast_trains_on_cpu(data_dir, tmp_path):
     model_config, cfg = tiny_configs(data_dir, max_steps=2, precision="bf16", eval_every=0, sample_every=0)
     result = train(model_config, cfg, tmp_path)
