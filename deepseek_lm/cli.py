@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import Any
 
-from deepseek_lm.errors import Notice, UserError
+from deepseek_lm.errors import Notice, UserError, silence_library_noise
 
 # name -> ("module:function", one-line help). The function takes the remaining argv, returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -119,10 +119,7 @@ def _one_line_notices(name: str) -> None:
             python_show(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
-    # torch 2.13's AOTInductor packaging calls its own deprecated pytree API while a decode step compiles
-    warnings.filterwarnings(
-        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
-    )
+    silence_library_noise()
 
 
 def parse_args(parser: Any, argv: list[str]) -> Any:

@@ -141,3 +141,23 @@ def test_interactive_mode_streams_to_a_pipe(run_dir):
     finally:
         watchdog.cancel()
         proc.kill()
+
+
+def test_generate_shows_a_compile_notice_as_a_note_and_hides_torchs_own_deprecation(capsys):
+    import warnings
+
+    from deepseek_lm.errors import silence_library_noise
+    from deepseek_lm.generate.cli import _show_warning
+    from deepseek_lm.model.aot import CompileNotice
+
+    with warnings.catch_warnings():  # as generate sets them up
+        warnings.simplefilter("always")
+        silence_library_noise()
+        warnings.showwarning = _show_warning
+        warnings.warn("compiling the decode step once", CompileNotice, stacklevel=1)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("the prompt was cut to fit the context", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err.splitlines() == [
+        "deepseek-lm generate: compiling the decode step once",
+        "deepseek-lm generate: warning: the prompt was cut to fit the context",
+    ]

@@ -24,7 +24,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from deepseek_lm.cli import parse_args
-from deepseek_lm.errors import UserError
+from deepseek_lm.errors import Notice, UserError, silence_library_noise
 from deepseek_lm.generate.sampling import SamplingConfig
 
 _ESCAPES = {"\\n": "\n", "\\t": "\t"}
@@ -119,6 +119,7 @@ def main_generate(argv: list[str]) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # ours, e.g. a prompt cut to fit the context, every time
         warnings.simplefilter("ignore", DeprecationWarning)  # libraries' notes (torch.compile's)
+        silence_library_noise()
         warnings.showwarning = _show_warning
         if args.chat:
             _chat(engine, args, prompts, settings)
@@ -223,7 +224,8 @@ def _note_context_end(engine: Any, completion: Any) -> None:
 def _show_warning(
     message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
 ):
-    print(f"deepseek-lm generate: warning: {message}", file=sys.stderr)
+    kind = "" if issubclass(category, Notice) else "warning: "  # a notice (a one-time compile) is no warning
+    print(f"deepseek-lm generate: {kind}{message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------
