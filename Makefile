@@ -52,7 +52,13 @@ $(LLAMA_CPP_STAMP): $(STAMP)
 	$(PY) -m pip install -q $(LLAMA_CPP_PYTHON)
 	touch $(LLAMA_CPP_STAMP)
 
-test: setup browser $(LLAMA_CPP_STAMP)
+# the test suite's heavy clients (pyproject's `test` extra: lm-evaluation-harness with its backends' dependencies)
+TEST_STAMP := $(VENV)/.test-installed
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,test]'
+	touch $(TEST_STAMP)
+
+test: setup browser $(LLAMA_CPP_STAMP) $(TEST_STAMP)
 	$(PY) -m pytest -q
 
 # the built-in demo: prepare the built-in corpus (once), train the seed architecture for ~7 minutes on
