@@ -14,12 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepseek_lm import checkpoint as ckpt
-from deepseek_lm.cli import parse_args
 from deepseek_lm.data.messages import warnings_to_stderr
 from deepseek_lm.data.tasks import TASKS
-
-SHORTCUTS = {"max_steps": "--max-steps", "seed": "--seed", "wandb_project": "--wandb-project"}
+from deepseek_lm.train import run_cli
 
 
 def build_parser(train_defaults: dict[str, Any]):
@@ -48,16 +45,12 @@ def build_parser(train_defaults: dict[str, Any]):
     )  # fmt: skip
     p.add_argument("--val-fraction", type=float, default=0.05, help="--prompts held out for evaluation")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the --prompts train/held-out split")
-    p.add_argument("--out", type=str, default="runs/rl", help="the run directory")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the latest complete checkpoint in --out"
+    run_cli.add_run_arguments(
+        p,
+        "runs/rl",
+        steps_help="steps (rollout batches)",
+        seed_help="seed of the prompt order and the rollouts",
     )
-    p.add_argument(
-        "--stop-at-step", type=int | None, default=None, help="end this invocation after that step"
-    )
-    p.add_argument("--max-steps", type=int | None, default=None, help="steps (rollout batches)")
-    p.add_argument("--seed", type=int | None, default=None, help="seed of the prompt order and the rollouts")
-    p.add_argument("--wandb-project", type=str | None, default=None, help="log to Weights & Biases")
     p.add_class_arguments(RLConfig, "train", instantiate=False)
     p.set_defaults({f"train.{k}": v for k, v in train_defaults.items()})
     return p
@@ -67,16 +60,7 @@ def resolve(argv: list[str]) -> tuple[Any, Any]:
     """RL's defaults, or with --resume the run's saved settings; then --config files and flags."""
     from deepseek_lm.rl.config import RL_DEFAULTS, RLConfig
 
-    defaults = {**RLConfig().to_dict(), **RL_DEFAULTS}
-    first = parse_args(build_parser(defaults), argv)
-    latest = ckpt.latest_checkpoint(first.out, training=True) if first.resume else None
-    if latest is not None:
-        _, saved = ckpt.read_config_json(latest)
-        defaults = {**defaults, **(saved or {})}
-    ns = parse_args(build_parser(defaults), argv)
-    train = ns.train.as_dict()
-    train.update({key: ns[key] for key in SHORTCUTS if ns[key] is not None})
-    return ns, RLConfig.from_dict(train)
+    return run_cli.resolve(build_parser, {**RLConfig().to_dict(), **RL_DEFAULTS}, RLConfig, argv)
 
 
 def main(argv: list[str]) -> int:

@@ -15,13 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deepseek_lm import checkpoint as ckpt
-from deepseek_lm.cli import parse_args
 from deepseek_lm.data.messages import warnings_to_stderr
 from deepseek_lm.errors import UserError
+from deepseek_lm.train import run_cli
 from deepseek_lm.train.config import TrainConfig
-
-SHORTCUTS = {"max_steps": "--max-steps", "seed": "--seed", "wandb_project": "--wandb-project"}
 
 
 def build_parser(train_defaults: dict[str, Any]):
@@ -56,16 +53,9 @@ def build_parser(train_defaults: dict[str, Any]):
     p.add_argument("--messages-field", type=str, default="messages", help="the field holding the messages")
     p.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out for evaluation")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
-    p.add_argument("--out", type=str, default="runs/chat", help="the run directory")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the latest complete checkpoint in --out"
+    run_cli.add_run_arguments(
+        p, "runs/chat", steps_help="optimizer steps (overrides epochs)", seed_help="seed of the data order"
     )
-    p.add_argument(
-        "--stop-at-step", type=int | None, default=None, help="end this invocation after that step"
-    )
-    p.add_argument("--max-steps", type=int | None, default=None, help="optimizer steps (overrides epochs)")
-    p.add_argument("--seed", type=int | None, default=None, help="seed of the data order")
-    p.add_argument("--wandb-project", type=str | None, default=None, help="log to Weights & Biases")
     p.add_class_arguments(TrainConfig, "train", instantiate=False)
     p.set_defaults({f"train.{k}": v for k, v in train_defaults.items()})
     return p
@@ -75,16 +65,7 @@ def resolve(argv: list[str]) -> tuple[Any, TrainConfig]:
     """Fine-tuning's defaults, or with --resume the run's saved settings; then --config files and flags."""
     from deepseek_lm.train.finetune import FINETUNE_DEFAULTS
 
-    defaults = {**TrainConfig().to_dict(), **FINETUNE_DEFAULTS}
-    first = parse_args(build_parser(defaults), argv)
-    latest = ckpt.latest_checkpoint(first.out, training=True) if first.resume else None
-    if latest is not None:
-        _, saved = ckpt.read_config_json(latest)
-        defaults = {**defaults, **(saved or {})}
-    ns = parse_args(build_parser(defaults), argv)
-    train = ns.train.as_dict()
-    train.update({key: ns[key] for key in SHORTCUTS if ns[key] is not None})
-    return ns, TrainConfig.from_dict(train)
+    return run_cli.resolve(build_parser, {**TrainConfig().to_dict(), **FINETUNE_DEFAULTS}, TrainConfig, argv)
 
 
 def main(argv: list[str]) -> int:
