@@ -110,7 +110,8 @@ def _run(name: str, rest: list[str], debug: bool) -> int:
 def _one_line_notices(name: str) -> None:
     """Our notices as one line each (`deepseek-lm NAME: message`), not Python's file:line and source
     line; other warnings as Python shows them, less one of torch's own that says nothing to a user."""
-    python_show = warnings.showwarning
+    # a command run again in the same process (tests, a notebook) replaces its own display, not wraps it
+    python_show = getattr(warnings.showwarning, "python_show", warnings.showwarning)
 
     def show(message, category, filename, lineno, file=None, line=None):  # warnings.showwarning's signature
         if issubclass(category, Notice):
@@ -118,6 +119,7 @@ def _one_line_notices(name: str) -> None:
         else:
             python_show(message, category, filename, lineno, file, line)
 
+    show.python_show = python_show
     warnings.showwarning = show
     silence_library_noise()
 
